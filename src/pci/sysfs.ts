@@ -1,0 +1,187 @@
+// The one place where sysfs (and /dev) paths are built. Every device name that comes from
+// outside - CLI arguments, domain XML, hook input, sysfs listings - is checked against a
+// strict pattern here before it becomes part of a path, so "../" or "/" never reaches
+// the file system. The roots come from $VFIO_MIG_SYSFS (default /sys) and
+// $VFIO_MIG_DEV (default /dev) so tests can point them at fake trees.
+
+import { readFileSync, readdirSync, readlinkSync, existsSync } from 'node:fs';
+import { basename, join } from 'node:path';
+
+export class InvalidDeviceIdError extends Error {
+  readonly input: string;
+  constructor(input: string, what: string) {
+    super(`invalid ${what} ${JSON.stringify(input.length > 80 ? `${input.slice(0, 80)}...` : input)}: expected ${EXPECTED[what] ?? what}`);
+    this.name = 'InvalidDeviceIdError';
+    this.input = input;
+  }
+}
+
+const EXPECTED: Record<string, string> = {
+  'PCI address': 'domain:bus:device.function like 0000:3b:00.2',
+  'mdev UUID': 'a UUID like 83b8f4f2-509f-382f-3c1e-e6bfe0fa0001',
+  'device id': 'a PCI address like 0000:3b:00.2 or an mdev UUID',
+  'attribute name': 'a sysfs attribute name ([a-z0-9_])',
+  'driver name': 'a driver name ([A-Za-z0-9_-], at most 64 characters)',
+  'IOMMU group': 'a decimal group number',
+};
+
+const BDF = /^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$/;
+const UUID = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
+const ATTR = /^[a-z0-9_]{1,64}$/;
+const DRIVER = /^[A-Za-z0-9_-]{1,64}$/;
+const GROUP = /^(0|[1-9][0-9]{0,8})$/;
+
+export type DeviceId = { kind: 'pci'; bdf: string } | { kind: 'mdev'; uuid: string };
+
+/** Canonical lower-case PCI address; device numbers above 0x1f are rejected. */
+export function parseBdf(input: string): string {
+  const m = typeof input === 'string' ? BDF.exec(input) : null;
+  if (!m) throw new InvalidDeviceIdError(String(input), 'PCI address');
+  return input.toLowerCase();
+}
+
+export function parseMdevUuid(input: string): string {
+  if (typeof input !== 'string' || !UUID.test(input)) throw new InvalidDeviceIdError(String(input), 'mdev UUID');
+  return input.toLowerCase();
+}
+
+export function isBdf(input: string): boolean {
+  return BDF.test(input);
+}
+
+export function isMdevUuid(input: string): boolean {
+  return UUID.test(input);
+}
+
+export function parseDeviceId(input: string): DeviceId {
+  if (typeof input === 'string' && BDF.test(input)) return { kind: 'pci', bdf: input.toLowerCase() };
+  if (typeof input === 'string' && UUID.test(input)) return { kind: 'mdev', uuid: input.toLowerCase() };
+  throw new InvalidDeviceIdError(String(input), 'device id');
+}
+
+export function deviceIdString(id: DeviceId): string {
+  return id.kind === 'pci' ? id.bdf : id.uuid;
+}
+
+export function parseDriverName(input: string): string {
+  if (typeof input !== 'string' || !DRIVER.test(input)) throw new InvalidDeviceIdError(String(input), 'driver name');
+  return input;
+}
+
+export function parseGroup(input: string | number): number {
+  const s = String(input);
+  if (!GROUP.test(s)) throw new InvalidDeviceIdError(s, 'IOMMU group');
+  return Number(s);
+}
+
+export function sysfsRoot(): string {
+  return process.env.VFIO_MIG_SYSFS || '/sys';
+}
+
+export function devRoot(): string {
+  return process.env.VFIO_MIG_DEV || '/dev';
+}
+
+export function deviceDir(id: DeviceId): string {
+  return id.kind === 'pci'
+    ? join(sysfsRoot(), 'bus', 'pci', 'devices', id.bdf)
+    : join(sysfsRoot(), 'bus', 'mdev', 'devices', id.uuid);
+}
+
+export function deviceExists(id: DeviceId): boolean {
+  return existsSync(deviceDir(id));
+}
+
+function readLinkBase(path: string): string | undefined {
+  try {
+    return basename(readlinkSync(path));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+/** IOMMU group number of a device, or undefined when it has none (no IOMMU, not present). */
+export function iommuGroupOf(id: DeviceId): number | undefined {
+  const name = readLinkBase(join(deviceDir(id), 'iommu_group'));
+  return name === undefined ? undefined : parseGroup(name);
+}
+
+/** Members of an IOMMU group as device ids (PCI functions and mdevs). */
+export function groupMembers(group: number): DeviceId[] {
+  const dir = join(sysfsRoot(), 'kernel', 'iommu_groups', String(parseGroup(group)), 'devices');
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const out: DeviceId[] = [];
+  for (const n of names.sort()) {
+    if (isBdf(n) || isMdevUuid(n)) out.push(parseDeviceId(n));
+  }
+  return out;
+}
+
+/** Name of the driver a device is bound to (the `driver` link), or undefined. */
+export function driverOf(id: DeviceId): string | undefined {
+  return readLinkBase(join(deviceDir(id), 'driver'));
+}
+
+/** Reads a sysfs attribute of a device, trimmed; undefined when absent. */
+export function readDeviceAttr(id: DeviceId, attr: string): string | undefined {
+  if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');
+  try {
+    return readFileSync(join(deviceDir(id), attr), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** The VFIO cdev name (vfioX) of a device when the kernel has CONFIG_VFIO_DEVICE_CDEV. */
+export function vfioCdevName(id: DeviceId): string | undefined {
+  try {
+    return readdirSync(join(deviceDir(id), 'vfio-dev')).find((n) => /^vfio[0-9]{1,9}$/.test(n));
+  } catch {
+    return undefined;
+  }
+}
+
+export function listPciDevices(): string[] {
+  try {
+    return readdirSync(join(sysfsRoot(), 'bus', 'pci', 'devices')).filter(isBdf).map((b) => b.toLowerCase()).sort();
+  } catch {
+    return [];
+  }
+}
+
+export function listMdevs(): string[] {
+  try {
+    return readdirSync(join(sysfsRoot(), 'bus', 'mdev', 'devices')).filter(isMdevUuid).map((u) => u.toLowerCase()).sort();
+  } catch {
+    return [];
+  }
+}
+
+// /dev paths -----------------------------------------------------------------------
+
+export function vfioContainerPath(): string {
+  return join(devRoot(), 'vfio', 'vfio');
+}
+
+export function vfioGroupPath(group: number): string {
+  return join(devRoot(), 'vfio', String(parseGroup(group)));
+}
+
+export function vfioCdevDir(): string {
+  return join(devRoot(), 'vfio', 'devices');
+}
+
+export function vfioCdevPath(name: string): string {
+  if (!/^vfio[0-9]{1,9}$/.test(name)) throw new InvalidDeviceIdError(name, 'device id');
+  return join(vfioCdevDir(), name);
+}
+
+export function iommufdPath(): string {
+  return join(devRoot(), 'iommu');
+}

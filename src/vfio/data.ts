@@ -1,0 +1,166 @@
+// The migration data fd: reading a saving session, writing a resuming one.
+//
+// The fd is an anonymous-inode stream (read/write only, no offsets). All I/O runs off
+// the event loop through the syscall seam's async read/write, so one slow device never
+// stalls the others or QMP traffic.
+
+import { sys, SysError } from './sys.ts';
+import { VfioError } from './errors.ts';
+import { Errno } from './errno.ts';
+
+export type SessionKind = 'saving' | 'resuming';
+
+export const DEFAULT_CHUNK = 1 << 20;
+
+/** Ownership of one data fd handed out by a SET MIG_DEVICE_STATE. Close it exactly once. */
+export class DataFd {
+  readonly fd: number;
+  readonly kind: SessionKind;
+  readonly device: string;
+  /** Bytes read (saving) or written (resuming) through this object. */
+  bytes = 0;
+  #closed = false;
+  #onClose: ((f: DataFd) => void) | undefined;
+
+  constructor(fd: number, kind: SessionKind, device: string, onClose?: (f: DataFd) => void) {
+    this.fd = fd;
+    this.kind = kind;
+    this.device = device;
+    this.#onClose = onClose;
+  }
+
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  assertOpen(operation: string): void {
+    if (this.#closed) {
+      throw new VfioError({ operation, device: this.device, errno: Errno.EBADF, hint: `the ${this.kind} data fd was already closed` });
+    }
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#onClose?.(this);
+    try {
+      sys().close(this.fd);
+    } catch {
+      // The kernel may already have torn the session down; the fd number is released anyway.
+    }
+  }
+}
+
+function ioError(err: unknown, operation: string, f: DataFd): VfioError {
+  if (!(err instanceof SysError)) return new VfioError({ operation, device: f.device, hint: String(err), cause: err });
+  const hints: Record<string, string> = {
+    ENODEV: 'the migration session was ended (state changed, device reset or closed) - the stream cannot be resumed',
+    EINVAL: 'the driver rejected the data (wrong device type, bad header or a corrupted stream)',
+    EFAULT: 'the driver rejected the stream header (magic, version or layout differ)',
+    ENOMEM: 'more data than the device state can hold - the stream does not belong to this device type',
+    EFBIG: 'more data than the device state can hold - the stream does not belong to this device type',
+    ESPIPE: 'data fds are streams; positioned I/O is not allowed',
+  };
+  return new VfioError({ operation, device: f.device, errno: err.errno, hint: hints[err.code], cause: err });
+}
+
+export type Sink = (chunk: Buffer) => void | Promise<void>;
+
+export interface ReadOptions {
+  chunkSize?: number;
+  signal?: AbortSignal;
+}
+
+async function readOnce(f: DataFd, buf: Buffer, operation: string): Promise<number | 'nothing-now'> {
+  for (;;) {
+    try {
+      return await sys().read(f.fd, buf, buf.length);
+    } catch (err) {
+      if (err instanceof SysError) {
+        if (err.code === 'EINTR') continue;
+        if (err.code === 'ENOMSG') return 'nothing-now';
+        if (err.code === 'EAGAIN') {
+          await sys().poll(f.fd, 1 /* POLLIN */, 1000);
+          continue;
+        }
+      }
+      throw ioError(err, operation, f);
+    }
+  }
+}
+
+/**
+ * STOP_COPY: reads until read() returns 0 (the permanent end of the device state).
+ * ENOMSG is not allowed there by the uAPI and is reported as an error.
+ */
+export async function readToEnd(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
+  const operation = 'read STOP_COPY data';
+  f.assertOpen(operation);
+  if (f.kind !== 'saving') throw new VfioError({ operation, device: f.device, errno: Errno.EBADF, hint: 'this is a resuming fd' });
+  const chunk = opts.chunkSize ?? DEFAULT_CHUNK;
+  let total = 0;
+  for (;;) {
+    if (opts.signal?.aborted) throw new VfioError({ operation, device: f.device, errno: Errno.ECANCELED, hint: 'cancelled' });
+    const buf = Buffer.allocUnsafe(chunk);
+    const n = await readOnce(f, buf, operation);
+    if (n === 'nothing-now') {
+      throw new VfioError({ operation, device: f.device, errno: Errno.ENOMSG, hint: 'the driver returned ENOMSG in STOP_COPY, which the uAPI forbids' });
+    }
+    if (n === 0) return total;
+    total += n;
+    f.bytes += n;
+    await sink(buf.subarray(0, n));
+  }
+}
+
+/**
+ * PRE_COPY: reads what the device has now. Both ENOMSG (mlx5 and most drivers) and 0
+ * (mtty) mean "nothing now, maybe more later" - never end of stream in this phase.
+ */
+export async function readAvailable(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
+  const operation = 'read PRE_COPY data';
+  f.assertOpen(operation);
+  const chunk = opts.chunkSize ?? DEFAULT_CHUNK;
+  let total = 0;
+  for (;;) {
+    if (opts.signal?.aborted) throw new VfioError({ operation, device: f.device, errno: Errno.ECANCELED, hint: 'cancelled' });
+    const buf = Buffer.allocUnsafe(chunk);
+    const n = await readOnce(f, buf, operation);
+    if (n === 'nothing-now' || n === 0) return total;
+    total += n;
+    f.bytes += n;
+    await sink(buf.subarray(0, n));
+  }
+}
+
+/** RESUMING: writes every byte, looping over short writes. */
+export async function writeAll(f: DataFd, data: Buffer | Iterable<Buffer> | AsyncIterable<Buffer>, opts: { signal?: AbortSignal } = {}): Promise<number> {
+  const operation = 'write RESUMING data';
+  f.assertOpen(operation);
+  if (f.kind !== 'resuming') throw new VfioError({ operation, device: f.device, errno: Errno.EBADF, hint: 'this is a saving fd' });
+  let total = 0;
+  const chunks = Buffer.isBuffer(data) ? [data] : data;
+  for await (const chunk of chunks) {
+    let off = 0;
+    while (off < chunk.length) {
+      if (opts.signal?.aborted) throw new VfioError({ operation, device: f.device, errno: Errno.ECANCELED, hint: 'cancelled' });
+      const piece = chunk.subarray(off, Math.min(chunk.length, off + DEFAULT_CHUNK));
+      let n: number;
+      try {
+        n = await sys().write(f.fd, piece, piece.length);
+      } catch (err) {
+        if (err instanceof SysError && err.code === 'EINTR') continue;
+        if (err instanceof SysError && err.code === 'EAGAIN') {
+          await sys().poll(f.fd, 4 /* POLLOUT */, 1000);
+          continue;
+        }
+        throw ioError(err, operation, f);
+      }
+      if (n === 0) throw new VfioError({ operation, device: f.device, hint: 'the driver accepted 0 bytes; the stream cannot progress' });
+      off += n;
+      total += n;
+      f.bytes += n;
+    }
+  }
+  return total;
+}

@@ -1,0 +1,179 @@
+// The syscall seam: the ONE place that binds libc through koffi.
+//
+// Everything above this file talks to the `Syscalls` interface, never to koffi, so unit
+// tests swap in the fake backend (test/unit/fake-kernel.ts) with `setSyscalls()` -
+// the same split as rust-vmm's vfio_syscall module. koffi is imported lazily: CLI
+// commands and hooks that never touch a device do not pay for loading it.
+
+import { createRequire } from 'node:module';
+import { errnoName } from './errno.ts';
+
+/** A failed system call: the raw errno, before any VFIO meaning is attached. */
+export class SysError extends Error {
+  readonly errno: number;
+  readonly code: string;
+  readonly syscall: string;
+  constructor(syscall: string, errno: number) {
+    super(`${syscall}: ${errnoName(errno)}`);
+    this.name = 'SysError';
+    this.errno = errno;
+    this.code = errnoName(errno);
+    this.syscall = syscall;
+  }
+}
+
+export const OpenFlag = {
+  O_RDONLY: 0,
+  O_WRONLY: 1,
+  O_RDWR: 2,
+  O_NONBLOCK: 0o4000,
+  O_CLOEXEC: 0o2000000,
+} as const;
+
+export const PollEvent = { POLLIN: 0x1, POLLOUT: 0x4, POLLERR: 0x8, POLLHUP: 0x10, POLLNVAL: 0x20 } as const;
+
+/** ioctl's third argument: a buffer (passed as a pointer), an integer by value, or none. */
+export type IoctlArg = Buffer | number | undefined;
+
+export interface Syscalls {
+  /** Returns the new fd; throws SysError. Always adds O_CLOEXEC. */
+  open(path: string, flags: number): number;
+  close(fd: number): void;
+  /** Synchronous ioctl (VFIO ioctls complete quickly or are the call we wait on anyway). */
+  ioctl(fd: number, request: number, arg?: IoctlArg): number;
+  /** ioctl on a libuv worker thread, for calls that may block (slow device arcs). */
+  ioctlAsync(fd: number, request: number, arg?: Buffer): Promise<number>;
+  /** read(2) off the event loop; resolves with the byte count (0 = EOF). */
+  read(fd: number, buf: Buffer, length: number): Promise<number>;
+  /** write(2) off the event loop; resolves with the byte count accepted (may be short). */
+  write(fd: number, buf: Buffer, length: number): Promise<number>;
+  /** poll(2) on one fd; resolves with revents (0 on timeout). */
+  poll(fd: number, events: number, timeoutMs: number): Promise<number>;
+}
+
+// ---------------------------------------------------------------------------------
+// The real backend.
+
+interface KoffiFunction {
+  (...args: unknown[]): number;
+  async(...args: unknown[]): void;
+}
+
+interface LibcFunctions {
+  open: KoffiFunction;
+  close: KoffiFunction;
+  ioctlVariadic: KoffiFunction;
+  ioctlPtr: KoffiFunction;
+  read: KoffiFunction;
+  write: KoffiFunction;
+  poll: KoffiFunction;
+  errno: () => number;
+}
+
+let libc: LibcFunctions | undefined;
+
+function loadLibc(): LibcFunctions {
+  if (libc) return libc;
+  const require = createRequire(import.meta.url);
+  // koffi is CommonJS with a prebuilt native addon; require keeps the import lazy.
+  const koffi = require('koffi') as {
+    load(name: string): { func(proto: string): KoffiFunction; func(name: string, ret: string, args: string[]): KoffiFunction };
+    errno(): number;
+  };
+  const lib = koffi.load('libc.so.6');
+  libc = {
+    open: lib.func('int open(const char *path, int flags, int mode)'),
+    close: lib.func('int close(int fd)'),
+    // ioctl is variadic in libc; the kernel reads the third argument as an unsigned long.
+    ioctlVariadic: lib.func('int ioctl(int fd, unsigned long request, ...)'),
+    // A fixed prototype of the same symbol: koffi can only run fixed prototypes async.
+    ioctlPtr: lib.func('ioctl', 'int', ['int', 'unsigned long', 'void *']),
+    read: lib.func('long read(int fd, void *buf, size_t count)'),
+    write: lib.func('long write(int fd, const void *buf, size_t count)'),
+    poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)'),
+    errno: () => koffi.errno(),
+  };
+  return libc;
+}
+
+function checkBuffer(buf: Buffer, length: number, what: string): void {
+  if (!Number.isInteger(length) || length < 0 || length > buf.length) {
+    throw new RangeError(`${what}: length ${length} does not fit a ${buf.length}-byte buffer`);
+  }
+}
+
+function checkFd(fd: number, what: string): void {
+  // A negative or non-integer fd would reach the kernel as garbage: refuse it here.
+  if (!Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) throw new SysError(what, 9 /* EBADF */);
+}
+
+/** Runs a koffi async call; errno is read in the callback, where koffi restored it. */
+function callAsync(fn: KoffiFunction, name: string, args: unknown[]): Promise<number> {
+  const c = loadLibc();
+  return new Promise((resolve, reject) => {
+    fn.async(...args, (err: Error | null, res: number) => {
+      if (err) return reject(err);
+      if (res < 0) return reject(new SysError(name, c.errno()));
+      resolve(Number(res));
+    });
+  });
+}
+
+export const libcSyscalls: Syscalls = {
+  open(path, flags) {
+    if (path.includes('\0')) throw new SysError('open', 22 /* EINVAL */);
+    const c = loadLibc();
+    const fd = c.open(path, flags | OpenFlag.O_CLOEXEC, 0);
+    if (fd < 0) throw new SysError(`open ${path}`, c.errno());
+    return fd;
+  },
+  close(fd) {
+    checkFd(fd, 'close');
+    const c = loadLibc();
+    if (c.close(fd) < 0) throw new SysError('close', c.errno());
+  },
+  ioctl(fd, request, arg) {
+    checkFd(fd, 'ioctl');
+    const c = loadLibc();
+    const r = Buffer.isBuffer(arg)
+      ? c.ioctlVariadic(fd, request, 'void *', arg)
+      : c.ioctlVariadic(fd, request, 'unsigned long', arg ?? 0);
+    if (r < 0) throw new SysError('ioctl', c.errno());
+    return r;
+  },
+  ioctlAsync(fd, request, arg) {
+    checkFd(fd, 'ioctl');
+    return callAsync(loadLibc().ioctlPtr, 'ioctl', [fd, request, arg ?? null]);
+  },
+  read(fd, buf, length) {
+    checkFd(fd, 'read');
+    checkBuffer(buf, length, 'read');
+    return callAsync(loadLibc().read, 'read', [fd, buf, length]);
+  },
+  write(fd, buf, length) {
+    checkFd(fd, 'write');
+    checkBuffer(buf, length, 'write');
+    return callAsync(loadLibc().write, 'write', [fd, buf, length]);
+  },
+  poll(fd, events, timeoutMs) {
+    checkFd(fd, 'poll');
+    const pfd = Buffer.alloc(8); // struct pollfd { int fd; short events; short revents; }
+    pfd.writeInt32LE(fd, 0);
+    pfd.writeInt16LE(events, 4);
+    return callAsync(loadLibc().poll, 'poll', [pfd, 1, timeoutMs]).then(() => pfd.readInt16LE(6) & 0xffff);
+  },
+};
+
+let current: Syscalls = libcSyscalls;
+
+/** The backend every VFIO call goes through. */
+export function sys(): Syscalls {
+  return current;
+}
+
+/** Swaps the backend (unit tests install the fake kernel); returns the previous one. */
+export function setSyscalls(backend: Syscalls): Syscalls {
+  const previous = current;
+  current = backend;
+  return previous;
+}
