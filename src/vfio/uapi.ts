@@ -172,7 +172,9 @@ export const Layout = {
   dmaLoggingReport: { size: 32, iova: 0, length: 8, pageSize: 16, bitmap: 24 },
   precopyInfo: { size: 24, argsz: 0, flags: 4, initialBytes: 8, dirtyBytes: 16 },
   groupStatus: { size: 8, argsz: 0, flags: 4 },
-  deviceInfo: { size: 24, argsz: 0, flags: 4, numRegions: 8, numIrqs: 12, capOffset: 16, pad: 20 },
+  // size 24 since the trailing pad field was added; older headers (6.1) say 20 - both
+  // are accepted by the kernel (minsz 16), and 24 also returns capability chains.
+  deviceInfo: { size: 24, sizeWithoutPad: 20, argsz: 0, flags: 4, numRegions: 8, numIrqs: 12, capOffset: 16, pad: 20 },
   bindIommufd: { size: 24, argsz: 0, flags: 4, iommufd: 8, outDevid: 12, tokenUuidPtr: 16 },
   attachIommufdPt: { size: 16, argsz: 0, flags: 4, ptId: 8, pasid: 12 },
   iommuIoasAlloc: { size: 12, size_: 0, flags: 4, outIoasId: 8 },
@@ -414,7 +416,7 @@ export const RegionInfo = {
   regionSize: 16,
   offset: 24,
   FLAG_CAPS: 1 << 3,
-  CAP_TYPE: 1,
+  CAP_TYPE: 2, // VFIO_REGION_INFO_CAP_TYPE (1 is SPARSE_MMAP)
   /** vfio_info_cap_header { u16 id; u16 version; u32 next; } then { u32 type; u32 subtype; } */
   capTypeType: 8,
   capTypeSubtype: 12,
