@@ -128,6 +128,11 @@ export function driverOf(id: DeviceId): string | undefined {
   return readLinkBase(join(deviceDir(id), 'driver'));
 }
 
+/** The mdev type name (e.g. "mtty-2") from the mdev's `mdev_type` link. */
+export function mdevTypeOf(id: DeviceId): string | undefined {
+  return readLinkBase(join(deviceDir(id), 'mdev_type'));
+}
+
 /** Reads a sysfs attribute of a device, trimmed; undefined when absent. */
 export function readDeviceAttr(id: DeviceId, attr: string): string | undefined {
   if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');

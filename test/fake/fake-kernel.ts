@@ -15,7 +15,7 @@ import { createHash } from 'node:crypto';
 import { type Syscalls, type IoctlArg, SysError } from '../../src/vfio/sys.ts';
 import { Errno } from '../../src/vfio/errno.ts';
 import * as U from '../../src/vfio/uapi.ts';
-import { MigState, stateName, parseMigState } from '../../src/vfio/uapi.ts';
+import { MigState, parseMigState } from '../../src/vfio/uapi.ts';
 import { nextHop, arcOpensSession, arcClosesSession, type Arc } from '../../src/vfio/fsm.ts';
 
 export interface FailureInjection {

@@ -284,10 +284,10 @@ fetch_kernel() {
 [[ -f $KDIR/.complete ]] || fetch_kernel
 
 # --- initramfs ----------------------------------------------------------------------------------
-# Keyed by what goes in: guest-init.sh, busybox, the kernel.
+# Keyed by what goes in: guest-init.sh, busybox, the kernel, and this script (layout).
 bb=/bin/busybox
 [[ -x $bb ]] || die "$bb missing: run test/rig/setup-host.sh (busybox-static)"
-initrd_key=$( { sha256sum <"$RIG_DIR/guest-init.sh"; sha256sum <"$bb"; echo "$KVER"; } | sha256sum | cut -c1-16)
+initrd_key=$( { sha256sum <"$RIG_DIR/guest-init.sh"; sha256sum <"$bb"; sha256sum <"${BASH_SOURCE[0]}"; echo "$KVER"; } | sha256sum | cut -c1-16)
 INITRD=$KDIR/initramfs-$initrd_key.cpio
 
 module_order() { # names... -> module paths (relative to $MODS) in load order, deps first
@@ -319,6 +319,7 @@ if [[ ! -f $INITRD ]]; then
   ir=$WORK/initramfs
   mkdir -p "$ir"/{bin,sbin,dev,proc,sys,mnt,newroot,lib/modules}
   cp "$bb" "$ir/bin/busybox"
+  ln -s busybox "$ir/bin/sh"   # /init's interpreter; the other applets are linked at boot
   install -m 755 "$RIG_DIR/guest-init.sh" "$ir/init"
   order=$(module_order "${INITRD_MODULES[@]}")
   if grep -q '^MISSING ' <<<"$order"; then die "initramfs: module(s) not in $KVER: $(grep '^MISSING ' <<<"$order" | cut -d' ' -f2 | xargs)"; fi

@@ -1,0 +1,36 @@
+// vfio-mig devices [--json]: the VFIO devices on this host and whether they can migrate.
+
+import { parseArgs } from './args.ts';
+import { inventory, type InventoryEntry } from '../vfio/inventory.ts';
+
+export const usage = 'vfio-mig devices [--json]   list VFIO-bound PCI devices and mdevs with their migration capability';
+
+export async function run(argv: string[], out: NodeJS.WritableStream): Promise<number> {
+  const args = parseArgs(argv, { flags: ['json'] });
+  const list = await inventory();
+  if (args.flags.has('json')) {
+    out.write(`${JSON.stringify(list, null, 2)}\n`);
+    return 0;
+  }
+  if (list.length === 0) {
+    out.write('no VFIO devices (nothing bound to vfio-pci or a variant driver, no mdevs)\n');
+    return 0;
+  }
+  const rows = list.map((e) => [e.address, ids(e), e.driver ?? '-', e.iommuGroup === null ? '-' : String(e.iommuGroup), migration(e)]);
+  out.write(table(['ADDRESS', 'IDS', 'DRIVER', 'GROUP', 'MIGRATION'], rows));
+  return 0;
+}
+
+function ids(e: InventoryEntry): string {
+  return e.kind === 'mdev' ? `mdev ${e.type ?? '?'}` : `${e.vendor ?? '?'}:${e.device ?? '?'}`;
+}
+
+function migration(e: InventoryEntry): string {
+  return 'error' in e.migration ? `no: ${e.migration.error}` : `${e.migration.flags.join('|')} (${e.migration.state})`;
+}
+
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ');
+  return [line(header), ...rows.map(line)].join('\n') + '\n';
+}

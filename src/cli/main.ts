@@ -1,0 +1,46 @@
+// The vfio-mig command. Subcommands are imported lazily: `vfio-mig devices` must not pay
+// for loading what `vfio-mig qualify` needs, and hooks share this start-up path.
+
+import { UsageError } from './args.ts';
+
+interface Subcommand {
+  usage: string;
+  run(argv: string[], out: NodeJS.WritableStream): Promise<number>;
+}
+
+const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
+  devices: () => import('./devices.ts'),
+};
+
+function help(): string {
+  return ['usage: vfio-mig <command> [options]', '', 'commands:', '  vfio-mig devices [--json]   list VFIO-bound devices and their migration capability', ''].join('\n');
+}
+
+export async function main(argv: string[], out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {
+  const [name, ...rest] = argv;
+  if (!name || name === '--help' || name === '-h' || name === 'help') {
+    out.write(help());
+    return name ? 0 : 2;
+  }
+  const load = SUBCOMMANDS[name];
+  if (!load) {
+    err.write(`vfio-mig: unknown command ${JSON.stringify(name)}\n${help()}`);
+    return 2;
+  }
+  try {
+    const cmd = await load();
+    return await cmd.run(rest, out);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      err.write(`vfio-mig ${name}: ${e.message}\nusage: ${(await load()).usage}\n`);
+      return 2;
+    }
+    err.write(`vfio-mig ${name}: ${e instanceof Error ? e.message : String(e)}\n`);
+    return 1;
+  }
+}
+
+// Run when executed directly (tsx src/cli/main.ts ...), not when imported by tests.
+if (import.meta.url === `file://${process.argv[1]}`) {
+  void main(process.argv.slice(2)).then((code) => (process.exitCode = code));
+}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# npm test: does its own set-up, runs every suite, and ends with one line
+# "N passed, N failed" (each test counts; a suite that cannot run counts as a failure,
+# loudly - on CI machines every suite must run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=$(mktemp -d /tmp/vfio-mig-test.XXXXXX)
+trap 'rm -rf "$results"' EXIT
+
+say() { printf '\n=== %s ===\n' "$*"; }
+# A check that is not a TAP suite (type-check, lint) counts as one test.
+record() { printf '# pass %d\n# fail %d\n' "$(( $2 == 0 ))" "$(( $2 != 0 ))" > "$results/$1.tap"; }
+
+say "set-up: npm packages"
+if [ ! -d node_modules/ava ] || [ ! -d node_modules/koffi ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund || { echo "npm ci failed"; echo "0 passed, 1 failed"; exit 1; }
+fi
+
+say "type-check"
+npx --no-install tsc --noEmit; record typecheck $?
+
+say "lint"
+npx --no-install eslint .; record lint $?
+
+say "unit tests (fake kernel, no root)"
+node_modules/.bin/ava --tap test/unit | tee "$results/unit.tap"
+
+say "rig tests (real 6.12 kernel in a QEMU guest, our edu driver and upstream mtty)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "RIG SUITE NOT RUN: needs root (apt-get for QEMU, /dev/kvm probe); run npm test as root" >&2
+  printf '# pass 0\n# fail 1\n' > "$results/rig.tap"
+else
+  test/rig/run.sh 'node_modules/.bin/ava --tap --serial --timeout=10m test/rig' | tee "$results/rig.tap"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ge 124 ]; then
+    echo "RIG SUITE DID NOT COMPLETE (runner exit $rc: 124 timeout, 125 guest crash, 126 set-up failure)" >&2
+    printf '# pass 0\n# fail 1\n' >> "$results/rig.tap"
+  fi
+fi
+
+node test/tally.mjs "$results"/*.tap
