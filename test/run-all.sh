@@ -30,7 +30,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "RIG SUITE NOT RUN: needs root (apt-get for QEMU, /dev/kvm probe); run npm test as root" >&2
   printf '# pass 0\n# fail 1\n' > "$results/rig.tap"
 else
-  test/rig/run.sh 'node_modules/.bin/ava --tap --serial --timeout=10m test/rig' | tee "$results/rig.tap"
+  test/rig/run.sh 'node_modules/.bin/ava --tap --concurrency=1 --timeout=10m test/rig' | tee "$results/rig.tap"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ge 124 ]; then
     echo "RIG SUITE DID NOT COMPLETE (runner exit $rc: 124 timeout, 125 guest crash, 126 set-up failure)" >&2

@@ -7,6 +7,7 @@ import type { TestFn, ExecutionContext } from 'ava';
 import { VfioDevice } from '../../src/vfio/device.ts';
 import { VfioError } from '../../src/vfio/errors.ts';
 import { readToEnd, readAvailable, writeAll } from '../../src/vfio/data.ts';
+import { saveState, restoreState, returnToRunning, type SaveVia } from '../../src/migration/trial.ts';
 import { MigState, stateName, DEFINED_MIGRATION_FLAG_SETS } from '../../src/vfio/uapi.ts';
 import { plan, supportedStates } from '../../src/vfio/fsm.ts';
 
@@ -39,50 +40,9 @@ export interface ConformanceBackend {
   openFds(): number;
 }
 
-async function save(dev: VfioDevice, via: 'stop-copy' | 'pre-copy' = 'stop-copy'): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  const sink = (c: Buffer) => void chunks.push(Buffer.from(c));
-  if (via === 'pre-copy') {
-    const r = await dev.setState(MigState.PreCopy);
-    const f = r.dataFd!;
-    await readAvailable(f, sink);
-    await dev.setState(MigState.StopCopy);
-    await readToEnd(f, sink);
-    await dev.setState(MigState.Stop);
-    f.close();
-  } else {
-    const r = await dev.setState(MigState.StopCopy);
-    await readToEnd(r.dataFd!, sink);
-    await dev.setState(MigState.Stop);
-    r.dataFd!.close();
-  }
-  await dev.setState(MigState.Running);
-  return Buffer.concat(chunks);
-}
-
-async function restore(dev: VfioDevice, stream: Buffer): Promise<void> {
-  const r = await dev.setState(MigState.Resuming);
-  try {
-    await writeAll(r.dataFd!, stream);
-    await dev.setState(MigState.Stop);
-  } finally {
-    r.dataFd!.close();
-  }
-  await dev.setState(MigState.Running);
-}
-
-/** Brings a device back to RUNNING from anything, closing nothing it does not own. */
-async function toRunning(dev: VfioDevice): Promise<void> {
-  const s = await dev.state();
-  if (s === MigState.Error) await dev.reset();
-  else if (s !== MigState.Running) {
-    try {
-      await dev.setState(MigState.Running);
-    } catch {
-      await dev.reset();
-    }
-  }
-}
+const save = (dev: VfioDevice, via: SaveVia = 'stop-copy') => saveState(dev, via);
+const restore = (dev: VfioDevice, stream: Buffer) => restoreState(dev, stream);
+const toRunning = returnToRunning;
 
 export function registerConformance(test: TestFn, backend: ConformanceBackend): void {
   const t = test.serial;

@@ -1,0 +1,49 @@
+// The VFIO layer against the real 6.12 kernel: our edu variant driver (all four flag
+// sets, arc logs, injected failures) and the upstream mtty sample, with the same suite
+// that runs against the fake kernel in test/unit.
+import test from 'ava';
+import { registerConformance } from '../conformance/suite.ts';
+import { MigState } from '../../src/vfio/uapi.ts';
+import { requireRig, prepareEdu, prepareMtty, eduKnob, eduArcLog, openFdCount } from './guest.ts';
+
+requireRig(test);
+
+const inRig = Boolean(process.env.VFIO_MIG_IN_RIG);
+const edu = inRig ? prepareEdu() : ['0000:00:00.0', '0000:00:00.1'];
+const mtty = inRig ? prepareMtty(2) : [];
+
+registerConformance(test, {
+  name: 'edu-vfio-pci',
+  pair: () => [edu[0]!, edu[1]!],
+  async setFlags(id, flags) {
+    eduKnob(id, 'flags', flags);
+  },
+  async arcLog(id) {
+    return eduArcLog(id);
+  },
+  async clearArcLog(id) {
+    eduKnob(id, 'arc_log', '');
+  },
+  async inject(id, arc, errno, outcome) {
+    eduKnob(id, 'fail_errno', errno);
+    eduKnob(id, 'fail_mode', 'once');
+    eduKnob(id, 'fail_outcome', outcome);
+    eduKnob(id, 'fail_arc', arc);
+  },
+  async clearInjection(id) {
+    eduKnob(id, 'fail_arc', 'none');
+  },
+  validatesStream: true,
+  badDataState: MigState.Error,
+  precopyEmpty: 'ENOMSG',
+  openFds: openFdCount,
+});
+
+registerConformance(test, {
+  name: 'mtty',
+  pair: () => [mtty[0]!, mtty[1]!],
+  validatesStream: false,
+  badDataState: MigState.Resuming,
+  precopyEmpty: 'zero',
+  openFds: openFdCount,
+});
