@@ -1487,15 +1487,27 @@ static void edu_mig_reset(struct edu_dev *e)
 static long edu_ioctl(struct vfio_device *vdev, unsigned int cmd,
 		      unsigned long arg)
 {
-	long ret = vfio_pci_core_ioctl(vdev, cmd, arg);
+	struct edu_dev *e = edu_from_vdev(vdev);
+	long ret;
 
+	/*
+	 * No PCI reset method (e.g. edu on the root bus: no FLR, no PM, no
+	 * bus reset): the core would fail with EINVAL.  Reset at least the
+	 * migration state so ERROR stays recoverable.  GET_INFO does not
+	 * report VFIO_DEVICE_FLAGS_RESET in that case.
+	 */
+	if (cmd == VFIO_DEVICE_RESET && !e->core.reset_works) {
+		edu_mig_reset(e);
+		return 0;
+	}
+	ret = vfio_pci_core_ioctl(vdev, cmd, arg);
 	/*
 	 * reset_done() already handled a successful function reset; repeat
 	 * it here so the migration state is reset even if the PCI core's
 	 * reset path did not call the error handlers.
 	 */
 	if (cmd == VFIO_DEVICE_RESET && !ret)
-		edu_mig_reset(edu_from_vdev(vdev));
+		edu_mig_reset(e);
 	return ret;
 }
 

@@ -169,21 +169,21 @@ export const libcSyscalls: Syscalls = {
     if (r < 0) throw sysError('ioctl', c.errno());
     return r;
   },
-  ioctlAsync(fd, request, arg) {
+  async ioctlAsync(fd, request, arg) {
     checkFd(fd, 'ioctl');
     return callAsync(loadLibc().ioctlPtr, 'ioctl', [fd, request, arg ?? null]);
   },
-  read(fd, buf, length) {
+  async read(fd, buf, length) {
     checkFd(fd, 'read');
     checkBuffer(buf, length, 'read');
     return callAsync(loadLibc().read, 'read', [fd, buf, length]);
   },
-  write(fd, buf, length) {
+  async write(fd, buf, length) {
     checkFd(fd, 'write');
     checkBuffer(buf, length, 'write');
     return callAsync(loadLibc().write, 'write', [fd, buf, length]);
   },
-  poll(fd, events, timeoutMs) {
+  async poll(fd, events, timeoutMs) {
     checkFd(fd, 'poll');
     const pfd = Buffer.alloc(8); // struct pollfd { int fd; short events; short revents; }
     pfd.writeInt32LE(fd, 0);
