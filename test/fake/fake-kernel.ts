@@ -186,6 +186,8 @@ export class FakeKernel implements Syscalls {
   readonly groupsOpen = new Set<number>();
   /** Every ioctl request made, in order (for accounting tests). */
   readonly ioctlLog: { fd: number; request: number }[] = [];
+  /** Every arc and reset of every device, in the order they completed. */
+  readonly events: { device: string; from: MigState; to: MigState; errno: number; kind: 'arc' | 'reset' }[] = [];
   #fds = new Map<number, FdEntry>();
   #nextFd = 100;
   #nextGroup = 10;
@@ -522,6 +524,7 @@ export class FakeKernel implements Syscalls {
         return this.#regionInfo(d, arg);
       case U.Ioctl.DEVICE_RESET:
         if (!d.spec.canReset) throw new SysError('ioctl', Errno.EINVAL);
+        this.events.push({ device: d.spec.id, from: d.state, to: MigState.Running, errno: 0, kind: 'reset' });
         this.#endSession(d);
         d.state = MigState.Running;
         for (const release of d.hung.splice(0)) release();
@@ -659,6 +662,7 @@ export class FakeKernel implements Syscalls {
     if (injected) {
       if (injected.mode === 'once') d.failures.splice(d.failures.indexOf(injected), 1);
       d.arcLog.push({ from: arc.from, to: arc.to, errno: injected.errno });
+      this.events.push({ device: d.spec.id, from: arc.from, to: arc.to, errno: injected.errno, kind: 'arc' });
       if (injected.hang) return 'hang';
       if (injected.outcome === 'error') {
         this.#endSession(d);
@@ -673,6 +677,7 @@ export class FakeKernel implements Syscalls {
         const ok = s?.kind === 'resuming' && this.#commitResume(d, s);
         if (!ok) {
           d.arcLog.push({ from: arc.from, to: arc.to, errno: Errno.EINVAL });
+          this.events.push({ device: d.spec.id, from: arc.from, to: arc.to, errno: Errno.EINVAL, kind: 'arc' });
           if (d.spec.badDataOutcome === 'error') {
             this.#endSession(d);
             d.state = MigState.Error;
@@ -692,6 +697,7 @@ export class FakeKernel implements Syscalls {
       s.final = true;
     }
     d.arcLog.push({ from: arc.from, to: arc.to, errno: 0 });
+    this.events.push({ device: d.spec.id, from: arc.from, to: arc.to, errno: 0, kind: 'arc' });
     d.state = arc.to;
     if (opens) {
       this.#endSession(d);
@@ -738,6 +744,27 @@ export class FakeKernel implements Syscalls {
     const flags = d.precopyV2 ? 0 : arg.readUInt32LE(4);
     U.writePrecopyInfo(arg, { flags, initialBytes: BigInt(initial), dirtyBytes: BigInt(initial === 0 ? d.dirtyPending : 0) });
     return 0;
+  }
+
+  /** A stream the device would accept on RESUMING (its current state, saved). */
+  validStream(id: string): Buffer {
+    const body = this.device(id).streamBytes();
+    return Buffer.concat([body, trailerFor(body)]);
+  }
+
+  /** Returns every device to a fresh RUNNING device (between property-test cases). */
+  resetAll(): void {
+    for (const d of this.devices.values()) {
+      this.#endSession(d);
+      d.state = MigState.Running;
+      d.failures = [];
+      d.arcLog = [];
+      d.dirtyPending = 0;
+      d.spec.arcLatencyMs = 0;
+      for (const release of d.hung.splice(0)) release();
+    }
+    this.events.length = 0;
+    this.ioctlLog.length = 0;
   }
 
   /** Simulates the device changing state during PRE_COPY. */

@@ -22,8 +22,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 log() { echo "rig-init: $*" >/dev/kmsg; }
+# <2> (crit) so it reaches the console even while boot runs with "quiet".
+log_crit() { echo "<2>rig-init: $*" >/dev/kmsg; }
 power_off() { sync; poweroff -f; sleep 10; }
-fail() { log "FATAL: $*"; power_off; }
+fail() { log_crit "FATAL: $*"; power_off; }
 
 while read -r m; do
   insmod "/lib/modules/$m" || fail "insmod $m failed"
@@ -102,9 +104,14 @@ else
   stdin=/dev/null
 fi
 
+# Boot ran "quiet" (serial output is slow under TCG); from here on every kernel message
+# reaches kernel.log, e.g. driver probes and warnings during the command.
+[ -f "$conf/verbose" ] || echo 7 >/proc/sys/kernel/printk
+cut -d' ' -f1 /proc/uptime >"$R$results/.rig/uptime-start"
 log "command starts"
 chroot $R /bin/bash -c "$stage2" rig-stage2 "$results/.rig" "$mode" <$stdin >/dev/ttyS0 2>&1
 rc=$?
+cut -d' ' -f1 /proc/uptime >"$R$results/.rig/uptime-end"
 log "command exited with $rc"
 
 echo "$rc" >"$R$results/.rig/rc.tmp" && mv "$R$results/.rig/rc.tmp" "$R$results/.rig/rc"

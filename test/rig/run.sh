@@ -120,7 +120,7 @@ if [[ $accel == kvm ]]; then
   machine=q35,kernel-irqchip=split
   accel_args=(-accel kvm -cpu host)
 else
-  accel_args=(-accel tcg,thread=multi,tb-size=256 -cpu max)
+  accel_args=(-accel "tcg,thread=${VFIO_MIG_RIG_TCG_THREAD:-multi},tb-size=256" -cpu max)
 fi
 msg "accel=$accel ($why)"
 
@@ -193,7 +193,11 @@ fi
 
 # --- QEMU ---------------------------------------------------------------------------------------
 qesc() { printf '%s' "${1//,/,,}"; }   # QEMU option values escape ',' as ',,'
-append="console=ttyS1 rdinit=/init panic=-1 oops=panic intel_iommu=on iommu=pt ${VFIO_MIG_RIG_APPEND:-}"
+# quiet: the boot's ~500 console lines cost seconds under TCG; guest-init.sh turns the
+# console log level back up before the command, and oopses/panics always print in full.
+append="console=ttyS1 rdinit=/init panic=-1 oops=panic intel_iommu=on iommu=pt"
+if [[ $VERBOSE == 1 ]]; then : >"$R/.rig/verbose"; else append+=" quiet"; fi
+append+=" ${VFIO_MIG_RIG_APPEND:-}"
 q=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
    -machine "$machine" "${accel_args[@]}" -m "$MEM" -smp "$CPUS"
    -kernel "${S[VMLINUX]}" -initrd "${S[INITRD]}" -append "$append"
@@ -249,9 +253,9 @@ fi
 t_end=$(date +%s.%N)
 
 if [[ $TIMING == 1 ]]; then
-  # Guest uptime when init started the command (printk timestamp of guest-init's line).
-  boot=$(sed -nE 's/^\[ *([0-9.]+)\] rig-init: command starts.*/\1/p' "$R/kernel.log" | head -n1)
-  cmdt=$(sed -nE 's/^\[ *([0-9.]+)\] rig-init: command exited.*/\1/p' "$R/kernel.log" | head -n1)
+  # Guest uptime when init started and saw the end of the command.
+  boot=$(cat "$R/.rig/uptime-start" 2>/dev/null || true)
+  cmdt=$(cat "$R/.rig/uptime-end" 2>/dev/null || true)
   msg "$(awk -v a="$t_start" -v b="$t_setup" -v c="$t_end" -v u="${boot:-}" -v x="${cmdt:-}" 'BEGIN {
     printf "timing: set-up %.2fs, guest uptime at command start %ss, command %s, total %.2fs",
       b - a, (u == "" ? "?" : u), (u == "" || x == "" ? "?" : sprintf("%.2fs", x - u)), c - a }')"
