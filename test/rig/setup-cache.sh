@@ -345,7 +345,7 @@ edu_files() { # relative paths of the source files (build artefacts excluded)
   (cd "$EDU_SRC" && find . -type f \
       ! -name '*.o' ! -name '*.ko' ! -name '*.mod' ! -name '*.mod.c' ! -name '.*.cmd' \
       ! -name '*.symvers' ! -name 'modules.order' ! -name '*.a' ! -name '.*.d' \
-      ! -path './.tmp_versions/*' ! -name '*.ko.*' -printf '%P\n' | LC_ALL=C sort)
+      ! -path './.tmp_versions/*' ! -name '*.ko.*' ! -name '*.md' -printf '%P\n' | LC_ALL=C sort)
 }
 if [[ -d $EDU_SRC ]]; then
   files=$(edu_files)
