@@ -262,6 +262,11 @@ export class VfioDevice {
       }
       this.#knownState = target;
       const { dataFd } = U.decodeMigState(U.featurePayload(buf));
+      if (!this.#h) {
+        // Closed while the arc was in flight: nobody can own the new fd any more.
+        if (dataFd >= 0) closeQuietly(dataFd);
+        throw new VfioError({ operation, device: this.name, errno: Errno.EBADF, hint: 'the device was closed during the transition' });
+      }
       const last = p.arcs[p.arcs.length - 1];
       const session = last ? arcOpensSession(last) : undefined;
       if (dataFd >= 0) {
@@ -324,18 +329,22 @@ export class VfioDevice {
     });
   }
 
-  /** Closes every data fd still held, then the device, group and container. Idempotent. */
+  /**
+   * Closes every data fd still held, then the device, group and container. Idempotent.
+   * Not queued: a device whose arc never returns (a hung driver) must still be closable;
+   * calls still queued then fail with EBADF, and an in-flight call keeps the kernel's
+   * own reference to the file until it returns.
+   */
   close(): Promise<void> {
-    return this.#queue.run(() => {
-      const h = this.#h;
-      if (!h) return;
-      this.#h = undefined;
-      for (const f of [...this.#dataFds]) f.close();
-      closeQuietly(h.deviceFd);
-      if (h.groupFd !== undefined) closeQuietly(h.groupFd);
-      if (h.containerFd !== undefined) closeQuietly(h.containerFd);
-      if (h.iommuFd !== undefined) closeQuietly(h.iommuFd);
-    });
+    const h = this.#h;
+    if (!h) return Promise.resolve();
+    this.#h = undefined;
+    for (const f of [...this.#dataFds]) f.close();
+    closeQuietly(h.deviceFd);
+    if (h.groupFd !== undefined) closeQuietly(h.groupFd);
+    if (h.containerFd !== undefined) closeQuietly(h.containerFd);
+    if (h.iommuFd !== undefined) closeQuietly(h.iommuFd);
+    return Promise.resolve();
   }
 }
 
