@@ -10,10 +10,18 @@ interface Subcommand {
 
 const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   devices: () => import('./devices.ts'),
+  qualify: () => import('./qualify.ts'),
 };
 
+// One line per command; kept here (not taken from the lazily loaded modules) so that
+// `vfio-mig --help` loads nothing.
+const HELP_LINES = [
+  'vfio-mig devices [--json]              list VFIO-bound devices and their migration capability',
+  'vfio-mig qualify <device>... [--json]  walk every migration arc of idle devices; verdict',
+];
+
 function help(): string {
-  return ['usage: vfio-mig <command> [options]', '', 'commands:', '  vfio-mig devices [--json]   list VFIO-bound devices and their migration capability', ''].join('\n');
+  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), ''].join('\n');
 }
 
 export async function main(argv: string[], out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {

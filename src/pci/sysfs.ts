@@ -23,6 +23,7 @@ const EXPECTED: Record<string, string> = {
   'attribute name': 'a sysfs attribute name ([a-z0-9_])',
   'driver name': 'a driver name ([A-Za-z0-9_-], at most 64 characters)',
   'IOMMU group': 'a decimal group number',
+  'module name': 'a kernel module name ([A-Za-z0-9_-], starting with a letter or digit, at most 64 characters)',
 };
 
 const BDF = /^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$/;
@@ -189,4 +190,117 @@ export function vfioCdevPath(name: string): string {
 
 export function iommufdPath(): string {
   return join(devRoot(), 'iommu');
+}
+
+// PCI driver binding: drivers, modules, attributes the binder writes ----------------
+// Everything below serves src/pci/binder.ts and the driver survey. Driver and module
+// names come from config files, modules.alias and sysfs listings, so they are checked
+// like device ids before they are joined into a path.
+
+const MODULE = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
+const VIRTFN = /^virtfn([0-9]{1,5})$/;
+
+/**
+ * A kernel module name. It must not start with '-' because it becomes an argument of
+ * modprobe, where a leading dash would be read as an option.
+ */
+export function parseModuleName(input: string): string {
+  if (typeof input !== 'string' || !MODULE.test(input)) throw new InvalidDeviceIdError(String(input), 'module name');
+  return input;
+}
+
+export function isModuleName(input: string): boolean {
+  return typeof input === 'string' && MODULE.test(input);
+}
+
+export function isDriverName(input: string): boolean {
+  return typeof input === 'string' && DRIVER.test(input);
+}
+
+function pciId(bdf: string): DeviceId {
+  return { kind: 'pci', bdf: parseBdf(bdf) };
+}
+
+/** /sys/bus/pci/devices/<bdf>/<attr>: the path of an attribute the binder reads or writes. */
+export function pciAttrPath(bdf: string, attr: string): string {
+  if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');
+  return join(deviceDir(pciId(bdf)), attr);
+}
+
+/** /sys/bus/pci/drivers/<driver> */
+export function pciDriverDir(driver: string): string {
+  return join(sysfsRoot(), 'bus', 'pci', 'drivers', parseDriverName(driver));
+}
+
+/** Writing a BDF here detaches the device from `driver`. */
+export function pciDriverUnbindPath(driver: string): string {
+  return join(pciDriverDir(driver), 'unbind');
+}
+
+/** Writing a BDF here attaches the device to `driver` (if the driver matches it). */
+export function pciDriverBindPath(driver: string): string {
+  return join(pciDriverDir(driver), 'bind');
+}
+
+/** Writing a BDF here makes the PCI core look for a driver for an unbound device. */
+export function pciDriversProbePath(): string {
+  return join(sysfsRoot(), 'bus', 'pci', 'drivers_probe');
+}
+
+/** True when a PCI driver of this name is registered (its module is loaded or built in). */
+export function pciDriverRegistered(driver: string): boolean {
+  return existsSync(pciDriverDir(driver));
+}
+
+/** The module that registered a PCI driver (the driver's `module` link), when it has one. */
+export function pciDriverModule(driver: string): string | undefined {
+  const name = readLinkBase(join(pciDriverDir(driver), 'module'));
+  return name !== undefined && MODULE.test(name) ? name : undefined;
+}
+
+/** /sys/module/<module> exists while the module is loaded (or built in with parameters). */
+export function moduleLoaded(module: string): boolean {
+  return existsSync(join(sysfsRoot(), 'module', parseModuleName(module)));
+}
+
+/**
+ * The PCI driver names a loaded module registered, from /sys/module/<mod>/drivers/pci:<name>.
+ * This is the authoritative module -> driver mapping (xe_vfio_pci registers xe-vfio-pci).
+ */
+export function modulePciDrivers(module: string): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(join(sysfsRoot(), 'module', parseModuleName(module), 'drivers'));
+  } catch {
+    return [];
+  }
+  return names
+    .filter((n) => n.startsWith('pci:'))
+    .map((n) => n.slice(4))
+    .filter((n) => DRIVER.test(n))
+    .sort();
+}
+
+/** The PF of an SR-IOV VF (its `physfn` link), or undefined for anything else. */
+export function physfnOf(bdf: string): string | undefined {
+  const name = readLinkBase(join(deviceDir(pciId(bdf)), 'physfn'));
+  return name !== undefined && isBdf(name) ? name.toLowerCase() : undefined;
+}
+
+/** The VFs of an SR-IOV PF (virtfn0, virtfn1, ... links), in VF index order. */
+export function virtfnsOf(bdf: string): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(deviceDir(pciId(bdf)));
+  } catch {
+    return [];
+  }
+  const vfs: Array<[number, string]> = [];
+  for (const n of names) {
+    const m = VIRTFN.exec(n);
+    if (!m) continue;
+    const target = readLinkBase(join(deviceDir(pciId(bdf)), n));
+    if (target !== undefined && isBdf(target)) vfs.push([Number(m[1]), target.toLowerCase()]);
+  }
+  return vfs.sort((a, b) => a[0] - b[0]).map((v) => v[1]);
 }

@@ -252,13 +252,19 @@ export class VfioDevice {
       } catch (err) {
         this.#knownState = undefined;
         let after: string;
+        let failedArc: string | undefined;
         try {
-          after = stateName(this.#stateLocked());
+          const now = this.#stateLocked();
+          after = stateName(now);
+          // Drivers store each intermediate state, so the arc leaving `now` on the
+          // planned path is the one that failed (unknowable when the device is in ERROR).
+          const arc = p.arcs.find((a) => a.from === now);
+          if (arc) failedArc = `${stateName(arc.from)}->${stateName(arc.to)}`;
         } catch (getErr) {
           after = `unknown (GET failed: ${(getErr as Error).message})`;
         }
         const e = err as VfioError;
-        throw new VfioError({ operation, device: this.name, errno: e.errno, hint: e.hint ?? stateHint(e.code), stateAfter: after, cause: err });
+        throw new VfioError({ operation, device: this.name, errno: e.errno, hint: e.hint ?? stateHint(e.code), stateAfter: after, failedArc, cause: err });
       }
       this.#knownState = target;
       const { dataFd } = U.decodeMigState(U.featurePayload(buf));
@@ -276,6 +282,33 @@ export class VfioDevice {
         return { state: target, arcs: p.arcs, dataFd: f };
       }
       return { state: target, arcs: p.arcs };
+    });
+  }
+
+  /**
+   * Sends a SET the layer would normally refuse (a state outside the flags, ERROR, an
+   * out-of-range value) to check that the driver refuses it too - `vfio-mig qualify`
+   * uses this. Never sends STOP_COPY -> PRE_COPY(_P2P), which hangs unfixed kernels.
+   * Returns the errno name, or 'accepted' when the driver wrongly took it.
+   */
+  probeRefusal(target: number): Promise<string> {
+    return this.#queue.run(async () => {
+      const from = this.#stateLocked();
+      if (from === MigState.StopCopy && (target === MigState.PreCopy || target === MigState.PreCopyP2P)) {
+        throw new VfioError({ operation: 'probe refusal', device: this.name, errno: Errno.EINVAL, hint: 'STOP_COPY -> PRE_COPY is never sent: unfixed kernels hang' });
+      }
+      const buf = U.encodeFeature(U.Feature.MIG_DEVICE_STATE, U.FeatureFlag.SET, U.encodeMigState(target >>> 0));
+      try {
+        await sys().ioctlAsync(this.#fd('probe refusal'), U.Ioctl.DEVICE_FEATURE, buf);
+      } catch (err) {
+        this.#knownState = undefined;
+        if (err instanceof SysError) return err.code;
+        throw err;
+      }
+      this.#knownState = undefined;
+      const { dataFd } = U.decodeMigState(U.featurePayload(buf));
+      if (dataFd >= 0) closeQuietly(dataFd);
+      return 'accepted';
     });
   }
 

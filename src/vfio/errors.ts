@@ -15,6 +15,8 @@ export interface VfioErrorDetails {
   hint?: string;
   /** The device state re-read after a failed SET, when known. */
   stateAfter?: string;
+  /** The kernel arc that failed ("RUNNING_P2P->STOP"), when the state after tells. */
+  failedArc?: string;
   cause?: unknown;
 }
 
@@ -25,12 +27,14 @@ export class VfioError extends Error {
   readonly code: string | undefined;
   readonly hint: string | undefined;
   readonly stateAfter: string | undefined;
+  readonly failedArc: string | undefined;
 
   constructor(details: VfioErrorDetails) {
     const code = details.errno === undefined ? undefined : errnoName(details.errno);
     const parts = [`${details.operation} on ${details.device} failed`];
     if (code) parts[0] += ` (${code})`;
     if (details.hint) parts.push(details.hint);
+    if (details.failedArc) parts.push(`the arc ${details.failedArc} failed`);
     if (details.stateAfter) parts.push(`device is now in ${details.stateAfter}`);
     super(parts.join(': '), { cause: details.cause });
     this.name = 'VfioError';
@@ -40,6 +44,7 @@ export class VfioError extends Error {
     this.code = code;
     this.hint = details.hint;
     this.stateAfter = details.stateAfter;
+    this.failedArc = details.failedArc;
   }
 
   toJSON(): Record<string, unknown> {
@@ -50,6 +55,7 @@ export class VfioError extends Error {
       errno: this.code,
       hint: this.hint,
       stateAfter: this.stateAfter,
+      failedArc: this.failedArc,
     };
   }
 }

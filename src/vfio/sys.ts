@@ -205,3 +205,76 @@ export function setSyscalls(backend: Syscalls): Syscalls {
   current = backend;
   return previous;
 }
+
+// ---------------------------------------------------------------------------------
+// SCM_RIGHTS, for src/qmp: QEMU's getfd/add-fd take the descriptor as ancillary data on
+// the same sendmsg(2) as the command bytes, and node's net.Socket cannot send ancillary
+// data. Appended here because this file is the one libc binding (DESIGN.md section 2).
+
+interface SendmsgLibc {
+  sendmsg: (fd: number, msg: unknown, flags: number) => number;
+  errno: () => number;
+}
+
+let sendmsgLibc: SendmsgLibc | undefined;
+
+function loadSendmsg(): SendmsgLibc {
+  if (sendmsgLibc) return sendmsgLibc;
+  const require = createRequire(import.meta.url);
+  const koffi = require('koffi') as {
+    load(name: string): { func(proto: string): (...args: unknown[]) => number };
+    struct(name: string, members: Record<string, string>): unknown;
+    errno(): number;
+  };
+  // Named with a prefix: koffi type names are process-global.
+  koffi.struct('vfio_mig_iovec', { iov_base: 'void *', iov_len: 'size_t' });
+  koffi.struct('vfio_mig_msghdr', {
+    msg_name: 'void *',
+    msg_namelen: 'uint32_t',
+    msg_iov: 'vfio_mig_iovec *',
+    msg_iovlen: 'size_t',
+    msg_control: 'void *',
+    msg_controllen: 'size_t',
+    msg_flags: 'int',
+  });
+  const lib = koffi.load('libc.so.6');
+  sendmsgLibc = { sendmsg: lib.func('long sendmsg(int fd, const vfio_mig_msghdr *msg, int flags)'), errno: () => koffi.errno() };
+  return sendmsgLibc;
+}
+
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const MSG_DONTWAIT = 0x40;
+const MSG_NOSIGNAL = 0x4000; // a closed peer gives EPIPE, not a process-killing SIGPIPE
+
+/**
+ * Sends `payload` on the stream socket `socketFd` with `fdToSend` attached (SCM_RIGHTS),
+ * without blocking. Returns the number of payload bytes the kernel accepted (the fd travels
+ * with the first byte; the caller writes any remainder normally). Throws SysError (EAGAIN
+ * when the socket buffer is full, ENOTSOCK/EINVAL for a non-unix socket).
+ */
+export function sendFd(socketFd: number, payload: Buffer, fdToSend: number): number {
+  checkFd(socketFd, 'sendmsg');
+  checkFd(fdToSend, 'sendmsg');
+  if (payload.length === 0) throw new RangeError('sendmsg: the payload must not be empty (the fd travels with its first byte)');
+  const c = loadSendmsg();
+  // struct cmsghdr { size_t cmsg_len; int cmsg_level; int cmsg_type; int fd; } padded to
+  // CMSG_SPACE(sizeof(int)) = 24 on LP64; cmsg_len = CMSG_LEN(sizeof(int)) = 20.
+  const control = Buffer.alloc(24);
+  control.writeBigUInt64LE(20n, 0);
+  control.writeInt32LE(SOL_SOCKET, 8);
+  control.writeInt32LE(SCM_RIGHTS, 12);
+  control.writeInt32LE(fdToSend, 16);
+  const msg = {
+    msg_name: null,
+    msg_namelen: 0,
+    msg_iov: [{ iov_base: payload, iov_len: payload.length }],
+    msg_iovlen: 1,
+    msg_control: control,
+    msg_controllen: control.length,
+    msg_flags: 0,
+  };
+  const n = Number(c.sendmsg(socketFd, msg, MSG_DONTWAIT | MSG_NOSIGNAL));
+  if (n < 0) throw sysError('sendmsg', c.errno());
+  return n;
+}

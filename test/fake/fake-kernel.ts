@@ -51,6 +51,8 @@ export interface FakeDeviceSpec {
   arcLatencyMs?: number;
   /** Has a vfio-dev cdev (requires the kernel's cdev support). */
   cdev?: boolean;
+  /** A buggy driver: its state machine runs with these flags, not the ones it reports. */
+  fsmFlags?: number;
   vendor?: string;
   deviceId?: string;
 }
@@ -87,7 +89,7 @@ interface ResumingSession {
 type Session = SavingSession | ResumingSession;
 
 export class FakeDevice {
-  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId'>> & { flags: bigint | undefined };
+  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags'>> & { flags: bigint | undefined; fsmFlags: number | undefined };
   state: MigState = MigState.Running;
   payload: Buffer;
   /** Identity of the state content; travels with the stream like the edu driver's seed. */
@@ -116,6 +118,7 @@ export class FakeDevice {
       dmaLogging: spec.dmaLogging ?? false,
       arcLatencyMs: spec.arcLatencyMs ?? 0,
       cdev: spec.cdev ?? false,
+      fsmFlags: spec.fsmFlags,
     };
     this.seed = this.spec.seed;
     this.payload = derivePayload(this.seed, this.spec.stateSize);
@@ -651,7 +654,7 @@ export class FakeKernel implements Syscalls {
   /** The driver's loop: compute one hop at a time from the current state. */
   *#steps(d: FakeDevice, target: number): Generator<Arc> {
     while (d.state !== target) {
-      const hop = nextHop(d.state, target, d.flags);
+      const hop = nextHop(d.state, target, d.spec.fsmFlags ?? d.flags);
       if (!hop.ok) throw new SysError('ioctl', Errno.EINVAL);
       yield { from: d.state, to: hop.next };
     }

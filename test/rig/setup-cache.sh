@@ -63,9 +63,10 @@ if ! flock -n 8; then
   flock 8
 fi
 
-mkdir -p "$CACHE/tmp" "$CACHE/apt"
+mkdir -p "$CACHE/tmp"
 WORK=$(mktemp -d "$CACHE/tmp/setup.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+APT_TMP=
+trap 'rm -rf "$WORK" ${APT_TMP:+"$APT_TMP"}' EXIT
 
 avail_mib() { df -Pk "$CACHE" | awk 'NR == 2 { print int($4 / 1024) }'; }
 need_space() { # MiB what -> die unless that much is free
@@ -76,11 +77,17 @@ need_space() { # MiB what -> die unless that much is free
 }
 
 # apt-cache rebuilds its package cache on every call on this image (Dir::Cache::pkgcache
-# is "" in the Docker apt config), ~1 s each; a private cache file makes repeat calls fast.
-apt_opts=(-o "Dir::Cache::pkgcache=$CACHE/apt/pkgcache.bin" -o "Dir::Cache::srcpkgcache=$CACHE/apt/srcpkgcache.bin")
-# apt's _apt sandbox user cannot write into root's cache dir; downloads are still verified.
-[[ $(id -u) -eq 0 ]] && apt_opts+=(-o APT::Sandbox::User=root)
-aptc() { apt-cache "${apt_opts[@]}" "$@"; }
+# is "" in the Docker apt config), ~1 s each; a private one (38 MB, in TMPDIR, deleted at
+# exit) makes the later calls of this set-up take 0.2 s.
+apt_opts=()
+apt_init() {
+  [[ -n $APT_TMP ]] && return 0
+  APT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/vfio-mig-apt.XXXXXX") || die "cannot create a temporary dir in ${TMPDIR:-/tmp}"
+  apt_opts=(-o "Dir::Cache::pkgcache=$APT_TMP/pkgcache.bin" -o "Dir::Cache::srcpkgcache=")
+  # apt's _apt sandbox user cannot write into root's cache dir; downloads are still verified.
+  if [[ $(id -u) -eq 0 ]]; then apt_opts+=(-o APT::Sandbox::User=root); fi
+}
+aptc() { apt_init; apt-cache "${apt_opts[@]}" "$@"; }
 
 field() { # stanza-text field -> value of the first "field:" line
   awk -v f="$2:" '$1 == f { sub(/^[^:]*:[[:space:]]*/, ""); print; exit }' <<<"$1"
@@ -110,8 +117,12 @@ read_current() {
 resolve_kernel() {
   step "resolving the $SUITE kernel from the archive"
   local meta img_show hdr_show
+  apt_init
   if ! meta=$(aptc show --no-all-versions "linux-image-amd64/$SUITE" 2>&1); then
-    die "linux-image-amd64 is not available from $SUITE ($meta). Run test/rig/setup-host.sh as root (it adds the $SUITE source and runs apt-get update)"
+    if grep -q 'No space left' <<<"$meta"; then
+      die "no space left in ${TMPDIR:-/tmp} for apt's temporary package cache (needs about 40 MiB): $(tr '\n' ' ' <<<"$meta")"
+    fi
+    die "cannot find linux-image-amd64 in $SUITE: $(tr '\n' ' ' <<<"$meta"). Run test/rig/setup-host.sh as root (it adds the $SUITE source and runs apt-get update)"
   fi
   local version image kver mm
   version=$(field "$meta" Version)
@@ -163,6 +174,7 @@ pkg_sizes() { # pkg=ver... -> total "Size" (bytes) and the image's Installed-Siz
 download() { # dir pkg=ver... ; one retry after apt-get update when the lists are stale
   local dir=$1; shift
   local out
+  apt_init
   if out=$(cd "$dir" && apt-get download "${apt_opts[@]}" -q "$@" 2>&1); then return 0; fi
   if [[ $(id -u) -eq 0 ]] && grep -qE '404|Unable to locate|Can.t find a source' <<<"$out"; then
     log "download failed, package lists may be stale: apt-get update and retry"

@@ -164,6 +164,7 @@ test.serial('a failed SET re-reads the state and reports it', async (t) => {
   const err = await t.throwsAsync(d.setState(MigState.StopCopy), { instanceOf: VfioError });
   t.is(err?.code, 'EIO');
   t.is(err?.stateAfter, 'RUNNING_P2P', 'the first arc succeeded, the second failed');
+  t.is(err?.failedArc, 'RUNNING_P2P->STOP');
   t.regex(err?.message ?? '', /SET MIG_DEVICE_STATE RUNNING->STOP_COPY on 0000:00:03\.0 failed \(EIO\).*device is now in RUNNING_P2P/);
   fake.inject(A, { arc: 'RUNNING_P2P>STOP', errno: Errno.ENOMEM, outcome: 'error' });
   const err2 = await t.throwsAsync(d.setState(MigState.Stop), { instanceOf: VfioError });
