@@ -116,12 +116,13 @@ export async function acquireLock(timeoutMs = 30_000, pollMs = 50): Promise<Bind
       };
     }
     const owner = readOwner(path);
-    if (owner && !held(owner.text, owner.ageMs)) {
+    if (!owner) continue; // released between our create and our read: try again at once
+    if (!held(owner.text, owner.ageMs)) {
       breakStale(path, owner.text);
       continue;
     }
     if (Date.now() >= deadline) {
-      const pid = owner?.text.split(' ')[0] ?? '?';
+      const pid = owner.text.split(' ')[0] || '?';
       throw new PciError({ operation: 'lock', device: '-', reason: `another vfio-mig bind/unbind (pid ${pid}) has held ${path} for more than ${timeoutMs} ms`, code: 'EBUSY' });
     }
     await sleep(pollMs);

@@ -368,15 +368,13 @@ export class QmpClient implements QmpFdExecutor {
       if (this.abandoned.delete(id)) return; // late answer to a command that timed out
       return this.protocolError(`reply to unknown id ${JSON.stringify(id)}`);
     }
+    const err = 'error' in m ? qmpErrorFrom(p.command, m.error) : undefined;
+    // A malformed error member is the peer breaking QMP: drop the connection (this rejects p too).
+    if (err instanceof QmpProtocolError) return this.protocolError(err.message.replace(/^QMP protocol error: /, ''));
     clearTimeout(p.timer);
     this.pending.delete(id);
-    if ('error' in m) {
-      const err = qmpErrorFrom(p.command, m.error);
-      p.reject(err);
-      if (err instanceof QmpProtocolError) this.fail(err);
-      return;
-    }
-    p.resolve(m.return);
+    if (err) p.reject(err);
+    else p.resolve(m.return);
   }
 
   private onEventMessage(m: Record<string, unknown>): void {

@@ -100,6 +100,8 @@ export class FakeDevice {
   session: Session | undefined;
   precopyV2 = false;
   opened = 0;
+  /** How many of `opened` came through the cdev path. */
+  cdevOpens = 0;
   /** Resolvers of arcs hung by an injection; reset/close release them. */
   hung: (() => void)[] = [];
 
@@ -347,6 +349,7 @@ export class FakeKernel implements Syscalls {
       const d = e.device;
       if (e.bound || !e.viaCdev) {
         d.opened--;
+        if (e.viaCdev) d.cdevOpens--;
         if (d.opened === 0) {
           // close_device: sessions end, the driver returns to RUNNING, opt-ins are cleared.
           this.#endSession(d);
@@ -508,8 +511,12 @@ export class FakeKernel implements Syscalls {
         if (arg.readUInt32LE(4) !== 0) throw new SysError('ioctl', Errno.EINVAL);
         const ifd = this.#fds.get(arg.readInt32LE(8));
         if (!ifd || ifd.kind !== 'iommufd') throw new SysError('ioctl', Errno.EBADF);
-        if (d.opened > 0) throw new SysError('ioctl', Errno.EBUSY);
+        // The kernel: EBUSY when the legacy group is in use, EINVAL when the device is
+        // already bound through another cdev fd (one open only on this path).
+        if (d.opened > d.cdevOpens) throw new SysError('ioctl', Errno.EBUSY);
+        if (d.cdevOpens > 0) throw new SysError('ioctl', Errno.EINVAL);
         e.bound = true;
+        d.cdevOpens++;
         d.opened++;
         return 0;
       }
