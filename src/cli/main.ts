@@ -11,6 +11,9 @@ interface Subcommand {
 const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   devices: () => import('./devices.ts'),
   qualify: () => import('./qualify.ts'),
+  drivers: () => import('./drivers.ts'),
+  bind: () => import('./bind.ts'),
+  unbind: () => import('./unbind.ts'),
 };
 
 // One line per command; kept here (not taken from the lazily loaded modules) so that
@@ -18,6 +21,11 @@ const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
 const HELP_LINES = [
   'vfio-mig devices [--json]              list VFIO-bound devices and their migration capability',
   'vfio-mig qualify <device>... [--json]  walk every migration arc of idle devices; verdict',
+  'vfio-mig drivers [--json]              every PCI device: current driver, chosen driver and why',
+  'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]',
+  '                                       bind devices to their VFIO (variant) driver, whole IOMMU groups',
+  'vfio-mig unbind [--device BDF...] [--dry-run] [--json]',
+  '                                       give devices back the drivers they had before `bind`',
 ];
 
 function help(): string {

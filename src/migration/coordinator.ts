@@ -260,21 +260,36 @@ export class Coordinator {
   }
 
   /**
-   * Destination: RUNNING -> RESUMING for all, `load` writes each device's data, then STOP
-   * for all (the drivers validate), RUNNING_P2P for all, RUNNING for all.
+   * Destination, when the migration starts: every device RUNNING -> RESUMING. Returns the
+   * resuming fds to write each device's state into.
    */
-  async resume(load: (device: string, fd: DataFd) => Promise<void>): Promise<void> {
+  async beginResume(): Promise<Map<string, DataFd>> {
     await this.#phase('resuming', (m) => this.#walk(m, MigState.Resuming, 'resuming'));
-    await this.#phase('load', async (m) => {
-      if (!m.dataFd) throw new Error('no resuming data fd');
-      await load(m.dev.name, m.dataFd);
-    });
+    return this.dataFds();
+  }
+
+  /**
+   * Destination, once every device's data was written: STOP for all (the drivers validate
+   * the data), RUNNING_P2P for all, then RUNNING for all.
+   */
+  async completeResume(): Promise<void> {
     await this.#phase('commit', (m) => this.#walk(m, MigState.Stop, 'commit'));
     this.#closeFds();
     await this.#phase('resume-p2p', async (m) => {
       if (m.flags & MigrationFlag.P2P) await this.#walk(m, MigState.RunningP2P, 'resume-p2p');
     });
     await this.#phase('resume', (m) => this.#walk(m, MigState.Running, 'resume'));
+  }
+
+  /** Destination in one call: beginResume, `load` writes each device's data, completeResume. */
+  async resume(load: (device: string, fd: DataFd) => Promise<void>): Promise<void> {
+    const fds = await this.beginResume();
+    await this.#phase('load', async (m) => {
+      const fd = fds.get(m.dev.name);
+      if (!fd) throw new Error('no resuming data fd');
+      await load(m.dev.name, fd);
+    });
+    await this.completeResume();
   }
 
   /**

@@ -91,7 +91,8 @@ export async function trialMigrate(sourceId: string, destinationId: string, opts
     const t1 = performance.now();
     await restoreState(dst, stream);
     const t2 = performance.now();
-    const verified = opts.verify === false ? false : (await saveState(dst)).equals(stream);
+    // Re-save the same way: a stream may record how it was taken (edu marks PRE_COPY).
+    const verified = opts.verify === false ? false : (await saveState(dst, via)).equals(stream);
     return { source: src.name, destination: dst.name, via, bytes: stream.length, saveMs: t1 - t0, restoreMs: t2 - t1, verified };
   } catch (err) {
     await returnToRunning(src).catch(() => undefined);

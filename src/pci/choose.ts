@@ -89,16 +89,25 @@ function chooseByAlias(dev: Pick<PciDeviceInfo, 'modalias' | 'driver'>, table: D
     };
   }
   const driver = pciDriverForModule(match.module);
-  // aliasPolicy "safe": a PF that a host driver is using stays with the host unless a
-  // rule says otherwise (xe_vfio_pci lists GPU ids whose PF may drive the host's display).
-  if (table.aliasPolicy === 'safe' && !isVf && isHostDriver(dev.driver) && dev.driver !== driver) {
-    return {
-      driver: null,
-      module: null,
-      reason: 'none',
-      alias: match.pattern,
-      detail: `modules.alias suggests ${driver}, but this PF is in use by host driver ${dev.driver}: add a rule to take it`,
-    };
+  // aliasPolicy "safe": a PF the host uses, or would use once its driver loads, stays
+  // with the host unless a rule says otherwise. virtio_vfio_pci lists the ids of the
+  // host's own virtio disks and NICs, xe_vfio_pci those of the GPU that may drive the
+  // console; at boot their host driver may simply not be loaded yet. VFs exist to be
+  // assigned, so they are taken.
+  if (table.aliasPolicy === 'safe' && !isVf) {
+    if (isHostDriver(dev.driver) && dev.driver !== driver) {
+      return { driver: null, module: null, reason: 'none', alias: match.pattern, detail: `modules.alias suggests ${driver}, but this PF is in use by host driver ${dev.driver}: add a rule to take it` };
+    }
+    const host = aliases.hostModules(dev.modalias).filter((m) => m !== match.module);
+    if (host.length > 0 && !(dev.driver !== undefined && isVfioDriver(dev.driver))) {
+      return {
+        driver: null,
+        module: null,
+        reason: 'none',
+        alias: match.pattern,
+        detail: `modules.alias suggests ${driver}, but host driver module ${host.join(', ')} also claims this PF: add a rule to take it`,
+      };
+    }
   }
   return { driver, module: match.module, reason: 'alias', alias: match.pattern, detail: `modules.alias: ${match.pattern} ${match.module}` };
 }

@@ -4,8 +4,10 @@
 // match with the fewest '*'. Those lines are never used by the kernel's autoprobe; they
 // exist only for userspace that writes driver_override.
 //
-// A real modules.alias has ~30000 lines, a handful of them vfio_pci ones; we only keep
-// those, indexed by their literal vendor, so a lookup touches a few entries.
+// The ordinary `alias pci:` lines are kept too: they say whether a host driver would
+// claim a device, which the "safe" alias policy needs (choose.ts). A real
+// modules.alias has ~30000 lines; both kinds are bucketed by their literal vendor, so a
+// lookup touches a few entries.
 
 import { readFileSync, statSync } from 'node:fs';
 import { release } from 'node:os';
@@ -17,9 +19,8 @@ import { PciError, errCode } from './errors.ts';
 /** The generic vfio-pci module: its catch-all entry is the fallback, never a "variant". */
 export const GENERIC_VFIO_MODULE = 'vfio_pci';
 
-const PREFIX = 'alias vfio_pci:';
-const PATTERN = /^vfio_pci:[A-Za-z0-9*?[\]!_-]+$/;
-const LITERAL_VENDOR = /^v([0-9A-F]{8})d/;
+const PATTERN = /^(?:vfio_)?pci:[A-Za-z0-9*?[\]!_-]+$/;
+const LITERAL_VENDOR = /^(?:vfio_)?pci:v([0-9A-F]{8})d/;
 
 export interface AliasEntry {
   /** The glob, e.g. vfio_pci:v000015B3d0000101Esv*sd*bc*sc*i* */
@@ -37,70 +38,112 @@ export type AliasMatch =
   /** Equally specific entries of different modules: reported, never guessed. */
   | { kind: 'ambiguous'; modules: string[]; wildcards: number };
 
+/** vfio_pci entries, bucketed by literal vendor so a lookup touches a few. */
+class Bucketed {
+  readonly byVendor = new Map<string, AliasEntry[]>();
+  /** Wildcard vendors: in practice vfio_pci's own catch-all. */
+  readonly anyVendor: AliasEntry[] = [];
+  size = 0;
+
+  add(entry: AliasEntry): void {
+    const vendor = LITERAL_VENDOR.exec(entry.pattern);
+    if (vendor) {
+      const list = this.byVendor.get(vendor[1]!);
+      if (list) list.push(entry);
+      else this.byVendor.set(vendor[1]!, [entry]);
+    } else {
+      this.anyVendor.push(entry);
+    }
+    this.size++;
+  }
+
+  candidates(vendor: string): AliasEntry[] {
+    const list = this.byVendor.get(vendor);
+    return list ? [...list, ...this.anyVendor] : this.anyVendor;
+  }
+}
+
 export class AliasIndex {
   readonly source: string;
-  /** vfio_pci entries whose vendor is a literal, by 8-digit upper-case vendor. */
-  readonly #byVendor = new Map<string, AliasEntry[]>();
-  /** Entries with a wildcard vendor (in practice only vfio_pci's own catch-all). */
-  readonly #anyVendor: AliasEntry[] = [];
+  /** Override-only `alias vfio_pci:` entries: variant drivers (and vfio_pci itself). */
+  readonly #vfio = new Bucketed();
+  /**
+   * Ordinary `alias pci:` entries (drivers the kernel autoprobes), read lazily per
+   * vendor from the text: there are tens of thousands and a lookup needs a few.
+   */
+  readonly #host = new Map<string, AliasEntry[]>();
+  #text: string;
   readonly #compiled = new Map<string, RegExp>();
-  /** vfio_pci lines that were skipped because they did not look like an alias line. */
+  /** vfio_pci alias lines that were skipped because they did not look like one. */
   readonly skipped: number[] = [];
-  #size = 0;
 
-  constructor(source: string, entries: Iterable<AliasEntry> = []) {
+  constructor(source: string, entries: Iterable<AliasEntry> = [], text = '') {
     this.source = source;
+    this.#text = text;
     for (const e of entries) this.add(e);
   }
 
+  /** Number of vfio_pci entries. */
   get size(): number {
-    return this.#size;
+    return this.#vfio.size;
   }
 
   add(entry: AliasEntry): void {
-    const vendor = LITERAL_VENDOR.exec(entry.pattern.slice('vfio_pci:'.length));
-    if (vendor) {
-      const list = this.#byVendor.get(vendor[1]!);
-      if (list) list.push(entry);
-      else this.#byVendor.set(vendor[1]!, [entry]);
-    } else {
-      this.#anyVendor.push(entry);
+    if (entry.pattern.startsWith('vfio_pci:')) this.#vfio.add(entry);
+    else {
+      const vendor = LITERAL_VENDOR.exec(entry.pattern)?.[1] ?? '*';
+      this.#hostEntries(vendor).push(entry);
     }
-    this.#size++;
   }
 
-  /** Parses modules.alias text; only `alias vfio_pci:` lines are kept. */
+  /** Parses modules.alias text: the `alias vfio_pci:` lines now, `alias pci:` ones on demand. */
   static parse(text: string, source = 'modules.alias'): AliasIndex {
-    const index = new AliasIndex(source);
-    // Scan for the prefix instead of splitting 30000 lines: the vfio_pci lines are few.
-    let at = text.indexOf(PREFIX);
-    let lineNo = 1;
-    let counted = 0;
-    while (at !== -1) {
-      const end = text.indexOf('\n', at);
-      const stop = end === -1 ? text.length : end;
-      if (at === 0 || text.charCodeAt(at - 1) === 10) {
-        lineNo += countNewlines(text, counted, at);
-        counted = at;
-        const fields = text.slice(at, stop).trim().split(/\s+/);
-        const [, pattern, module] = fields;
-        if (fields.length === 3 && pattern !== undefined && module !== undefined && PATTERN.test(pattern) && isModuleName(module)) {
-          index.add({ pattern, module, wildcards: countStars(pattern), line: lineNo });
-        } else {
-          index.skipped.push(lineNo);
-        }
+    const index = new AliasIndex(source, [], text);
+    for (const { line, fields } of scan(text, 'alias vfio_pci:')) {
+      const [, pattern, module] = fields;
+      if (fields.length === 3 && pattern !== undefined && module !== undefined && PATTERN.test(pattern) && isModuleName(module)) {
+        index.add({ pattern, module, wildcards: countStars(pattern), line });
+      } else {
+        index.skipped.push(line);
       }
-      at = end === -1 ? -1 : text.indexOf(PREFIX, end);
     }
     return index;
   }
 
-  /** Entries that match a device's modalias (pci:... as sysfs prints it). */
+  /** Host entries for a literal vendor ('*': the wildcard-vendor ones), scanned once. */
+  #hostEntries(vendor: string): AliasEntry[] {
+    let list = this.#host.get(vendor);
+    if (!list) {
+      list = [];
+      for (const { line, fields } of scan(this.#text, `alias pci:v${vendor}`)) {
+        const [, pattern, module] = fields;
+        if (fields.length === 3 && pattern !== undefined && module !== undefined && PATTERN.test(pattern) && isModuleName(module)) {
+          list.push({ pattern, module, wildcards: countStars(pattern), line });
+        }
+      }
+      this.#host.set(vendor, list);
+    }
+    return list;
+  }
+
+  /** vfio_pci entries that match a device's modalias (pci:... as sysfs prints it). */
   matches(modalias: string): AliasEntry[] {
     const target = vfioModalias(modalias);
-    const vendor = target.slice('vfio_pci:v'.length, 'vfio_pci:v'.length + 8);
-    const candidates = [...(this.#byVendor.get(vendor) ?? []), ...this.#anyVendor];
-    return candidates.filter((e) => this.#regex(e.pattern).test(target));
+    return this.#vfio.candidates(target.slice('vfio_pci:v'.length, 'vfio_pci:v'.length + 8)).filter((e) => this.#regex(e.pattern).test(target));
+  }
+
+  /**
+   * Modules with an ordinary alias for the device: host drivers that autoprobe would
+   * load for it, loaded yet or not. VFIO modules are left out.
+   */
+  hostModules(modalias: string): string[] {
+    vfioModalias(modalias); // validates
+    const vendor = modalias.slice('pci:v'.length, 'pci:v'.length + 8);
+    const mods = new Set<string>();
+    for (const e of [...this.#hostEntries(vendor), ...this.#hostEntries('*')]) {
+      if (!/vfio/.test(e.module) && this.#regex(e.pattern).test(modalias)) mods.add(e.module);
+    }
+    return [...mods].sort();
   }
 
   /** The best variant driver module for a modalias, libvirt's way. */
@@ -133,15 +176,27 @@ export class AliasIndex {
   }
 }
 
+/**
+ * Lines starting with `prefix`, with their 1-based line numbers. Scans with indexOf
+ * for the prefix instead of splitting 30000 lines into strings.
+ */
+function* scan(text: string, prefix: string): Generator<{ line: number; fields: string[] }> {
+  let line = 1;
+  let counted = 0;
+  for (let at = text.indexOf(prefix); at !== -1; ) {
+    const end = text.indexOf('\n', at);
+    if (at === 0 || text.charCodeAt(at - 1) === 10) {
+      for (let i = text.indexOf('\n', counted); i !== -1 && i < at; i = text.indexOf('\n', i + 1)) line++;
+      counted = at;
+      yield { line, fields: text.slice(at, end === -1 ? text.length : end).trim().split(/\s+/) };
+    }
+    at = end === -1 ? -1 : text.indexOf(prefix, end);
+  }
+}
+
 function countStars(s: string): number {
   let n = 0;
   for (let i = 0; i < s.length; i++) if (s.charCodeAt(i) === 42) n++;
-  return n;
-}
-
-function countNewlines(text: string, from: number, to: number): number {
-  let n = 0;
-  for (let i = text.indexOf('\n', from); i !== -1 && i < to; i = text.indexOf('\n', i + 1)) n++;
   return n;
 }
 

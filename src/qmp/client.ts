@@ -14,7 +14,10 @@ import net from 'node:net';
 import { sendFd } from '../vfio/sys.ts';
 import { QmpClosedError, QmpProtocolError, QmpTimeoutError, qmpErrorFrom } from './errors.ts';
 import { parseVersion, type ExecuteOptions, type QemuVersion, type QmpFdExecutor } from './commands.ts';
-import { decodeEvent, isKnownEventName, parseEventEnvelope, type KnownEventName, type QmpEvent, type TypedEvent } from './events.ts';
+import { parseEventEnvelope, type QmpEvent } from './events.ts';
+import { EventHub, MAX_TIMER_MS, type EventFor, type WaitOptions } from './event-hub.ts';
+
+export type { EventFor, WaitOptions } from './event-hub.ts';
 
 export type QmpEndpoint = { path: string } | { host: string; port: number };
 
@@ -36,21 +39,10 @@ export interface QmpGreeting {
   capabilities: string[];
 }
 
-/** The typed event for known names, the plain envelope for others. */
-export type EventFor<N extends string> = N extends KnownEventName ? TypedEvent<N> : QmpEvent;
-
-export interface WaitOptions {
-  /** Also consider events already received after this seq (see `lastSeq`); closes the
-   *  race between sending a command and starting to wait for the event it causes. */
-  since?: number;
-}
-
 const DEFAULTS = { connectTimeoutMs: 5_000, commandTimeoutMs: 30_000, maxLineBytes: 8 * 1024 * 1024, eventBacklog: 256 };
 const COMMAND_NAME = /^[A-Za-z][A-Za-z0-9_-]{0,127}$/;
 /** Ids of timed-out commands remembered so their late replies are dropped, not treated as desync. */
 const ABANDONED_IDS_KEPT = 1024;
-/** setTimeout's largest delay; longer ones fire immediately. */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 interface Pending {
   command: string;
@@ -59,30 +51,18 @@ interface Pending {
   timer: NodeJS.Timeout;
 }
 
-interface Waiter {
-  name: string;
-  predicate: (ev: QmpEvent) => boolean;
-  resolve: (ev: QmpEvent) => void;
-  reject: (err: Error) => void;
-  timer: NodeJS.Timeout | undefined;
-}
-
 type Phase = 'greeting' | 'negotiating' | 'ready' | 'closed';
 
 export class QmpClient implements QmpFdExecutor {
   readonly endpoint: QmpEndpoint;
   private readonly opts: typeof DEFAULTS;
-  private readonly onListenerError: (err: unknown) => void;
+  private readonly events: EventHub;
   private readonly socket: net.Socket;
   private phase: Phase = 'greeting';
   private greetingValue: QmpGreeting | undefined;
   private nextId = 0;
   private readonly pending = new Map<string, Pending>();
   private readonly abandoned = new Set<string>();
-  private readonly waiters = new Set<Waiter>();
-  private readonly listeners = new Set<(ev: QmpEvent) => void>();
-  private readonly backlog: QmpEvent[] = [];
-  private seq = 0;
   private chunks: Buffer[] = [];
   private chunkBytes = 0;
   private writesInFlight = 0;
@@ -95,7 +75,11 @@ export class QmpClient implements QmpFdExecutor {
   private constructor(endpoint: QmpEndpoint, opts: typeof DEFAULTS, onListenerError: ((err: unknown) => void) | undefined) {
     this.endpoint = endpoint;
     this.opts = opts;
-    this.onListenerError = onListenerError ?? ((err) => process.emitWarning(`QMP event listener threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`));
+    this.events = new EventHub({
+      backlog: opts.eventBacklog,
+      defaultTimeoutMs: opts.commandTimeoutMs,
+      onListenerError: onListenerError ?? ((err) => process.emitWarning(`QMP event listener threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`)),
+    });
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     this.socket = 'path' in endpoint ? net.createConnection({ path: endpoint.path }) : net.createConnection({ host: endpoint.host, port: endpoint.port });
     this.socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -139,12 +123,12 @@ export class QmpClient implements QmpFdExecutor {
 
   /** Seq of the last event received (0 before any); pass it as `since` to waitFor. */
   get lastSeq(): number {
-    return this.seq;
+    return this.events.lastSeq;
   }
 
   /** The last `eventBacklog` events, oldest first. */
   recentEvents(): QmpEvent[] {
-    return [...this.backlog];
+    return this.events.recent();
   }
 
   execute(command: string, args?: Record<string, unknown>, options?: ExecuteOptions): Promise<unknown> {
@@ -164,8 +148,7 @@ export class QmpClient implements QmpFdExecutor {
 
   /** Calls `listener` for every event, in receive order. Returns the unsubscribe function. */
   onEvent(listener: (ev: QmpEvent) => void): () => void {
-    this.listeners.add(listener);
-    return () => this.listeners.delete(listener);
+    return this.events.onEvent(listener);
   }
 
   /**
@@ -175,41 +158,7 @@ export class QmpClient implements QmpFdExecutor {
    * only events received from now on.
    */
   waitFor<N extends string>(name: N, predicate?: (ev: EventFor<N>) => boolean, timeoutMs = this.opts.commandTimeoutMs, options: WaitOptions = {}): Promise<EventFor<N>> {
-    const match = (ev: QmpEvent): EventFor<N> | undefined => {
-      if (ev.event !== name) return undefined;
-      const typed = isKnownEventName(name) ? decodeEvent(ev, name) : ev;
-      if (!typed) return undefined;
-      return !predicate || predicate(typed as EventFor<N>) ? (typed as EventFor<N>) : undefined;
-    };
-    return new Promise<EventFor<N>>((resolve, reject) => {
-      try {
-        if (options.since !== undefined) {
-          for (const ev of this.backlog) {
-            if (ev.seq <= options.since) continue;
-            const hit = match(ev);
-            if (hit) return resolve(hit);
-          }
-        }
-      } catch (err) {
-        return reject(err);
-      }
-      if (this.phase === 'closed') return reject(this.closedError(`waiting for ${name}`));
-      const waiter: Waiter = {
-        name,
-        predicate: (ev) => match(ev) !== undefined,
-        resolve: (ev) => resolve(match(ev) as EventFor<N>),
-        reject,
-        timer: undefined,
-      };
-      if (timeoutMs !== Infinity) {
-        // Node fires timers longer than 2^31-1 ms at once: clamp instead.
-        waiter.timer = setTimeout(() => {
-          this.waiters.delete(waiter);
-          reject(new QmpTimeoutError(`waiting for event ${name}`, timeoutMs));
-        }, Math.min(Math.max(timeoutMs, 0), MAX_TIMER_MS));
-      }
-      this.waiters.add(waiter);
-    });
+    return this.events.waitFor(name, predicate, timeoutMs, options);
   }
 
   /** Closes the connection; pending commands and waits reject with QmpClosedError. */
@@ -380,34 +329,7 @@ export class QmpClient implements QmpFdExecutor {
   private onEventMessage(m: Record<string, unknown>): void {
     const parsed = parseEventEnvelope(m);
     if (typeof parsed === 'string') return this.protocolError(parsed);
-    const ev: QmpEvent = { ...parsed, seq: ++this.seq };
-    this.backlog.push(ev);
-    if (this.backlog.length > this.opts.eventBacklog) this.backlog.shift();
-    for (const w of [...this.waiters]) {
-      let hit: boolean;
-      try {
-        hit = w.predicate(ev);
-      } catch (err) {
-        this.waiters.delete(w);
-        if (w.timer) clearTimeout(w.timer);
-        w.reject(err instanceof Error ? err : new Error(String(err)));
-        continue;
-      }
-      if (hit) {
-        this.waiters.delete(w);
-        if (w.timer) clearTimeout(w.timer);
-        w.resolve(ev);
-      }
-    }
-    // A throwing listener is the caller's bug, but it must not take the connection (and a
-    // migration steered through it) down, nor keep the event from the other listeners.
-    for (const l of [...this.listeners]) {
-      try {
-        l(ev);
-      } catch (err) {
-        this.onListenerError(err);
-      }
-    }
+    this.events.publish(parsed);
   }
 
   private protocolError(message: string): void {
@@ -432,11 +354,7 @@ export class QmpClient implements QmpFdExecutor {
       p.reject(err(`QMP ${p.command}`));
     }
     this.pending.clear();
-    for (const w of this.waiters) {
-      if (w.timer) clearTimeout(w.timer);
-      w.reject(err(`waiting for ${w.name}`));
-    }
-    this.waiters.clear();
+    this.events.close(err);
     for (const f of this.flushWaiters) f();
     this.flushWaiters = [];
     this.onHandshakeError?.(reason ?? this.closedError('QMP handshake'));

@@ -1,0 +1,47 @@
+// vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]: move devices to the
+// driver the table chooses (whole IOMMU groups), recording what changed for `unbind`.
+// Exit 0 when nothing failed or was refused (skipped devices are not failures: the
+// udev rule calls this for every new VF, most of which may not be ours).
+
+import { parseArgs, UsageError } from './args.ts';
+import { bind, type BindReport } from '../pci/binder.ts';
+import { table } from './drivers.ts';
+
+export const usage = 'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]   bind devices to the driver the table chooses';
+
+export async function run(argv: string[], out: NodeJS.WritableStream): Promise<number> {
+  const args = parseArgs(argv, { flags: ['all', 'dry-run', 'json'], options: ['device'] });
+  const devices = [...(args.options.get('device') ?? []), ...args.positional];
+  const all = args.flags.has('all');
+  if (all && devices.length) throw new UsageError('give --all or --device, not both');
+  if (!all && devices.length === 0) throw new UsageError('give --all or --device BDF');
+  const report = await bind({ all, devices, dryRun: args.flags.has('dry-run') });
+  if (args.flags.has('json')) out.write(`${JSON.stringify(report, null, 2)}\n`);
+  else out.write(render(report, all));
+  return report.ok ? 0 : 1;
+}
+
+export function render(report: BindReport, all: boolean): string {
+  const lines: string[] = [];
+  // With --all, devices nothing matched are the silent majority: count them only.
+  const shown = report.results.filter((r) => !all || r.action !== 'skipped' || r.reason === 'excluded');
+  if (shown.length) {
+    lines.push(
+      table(
+        ['ADDRESS', 'ACTION', 'DRIVER', 'REASON'],
+        shown.map((r) => [r.address, r.action, driverCol(r.previous, r.current, r.chosen, r.action), r.error ?? (r.steps ? `${r.detail}; ${r.steps.join(', ')}` : `${r.reason}: ${r.detail}`)]),
+      ).trimEnd(),
+    );
+  }
+  for (const p of report.pfs) lines.push(`${p.address}  ${p.action}  ${p.detail}`);
+  const count = (a: string) => report.results.filter((r) => r.action === a).length;
+  const parts = ['bound', 'would-bind', 'already', 'skipped', 'refused', 'failed'].map((a) => [a, count(a)] as const).filter(([, n]) => n > 0);
+  lines.push(parts.length ? parts.map(([a, n]) => `${n} ${a}`).join(', ') : 'no devices');
+  return `${lines.join('\n')}\n`;
+}
+
+function driverCol(previous: string | null, current: string | null, chosen: string | null, action: string): string {
+  if (action === 'bound') return `${previous ?? '-'} -> ${current ?? '-'}`;
+  if (action === 'would-bind') return `${previous ?? '-'} -> ${chosen ?? '-'}`;
+  return current ?? '-';
+}
