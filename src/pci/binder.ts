@@ -148,13 +148,16 @@ async function restoreDevice(bdf: string, to: Snapshot, opts: { modprobeTimeoutM
   if (readOverride(bdf) !== to.override) writeOverride(bdf, to.override);
   if (cur !== undefined && cur !== to.driver) unbindFrom(bdf, cur);
   if (to.driver !== undefined && currentDriver(bdf) !== to.driver) {
+    // Loading the module attaches it to matching unbound devices: maybe this one.
     if (!sysfs.pciDriverRegistered(to.driver)) await ensureDriver(bdf, to.driver, opts.module ?? moduleForPciDriver(to.driver), opts.modprobeTimeoutMs);
-    try {
-      write(`bind to ${to.driver}`, bdf, sysfs.pciDriverBindPath(to.driver), bdf);
-    } catch (err) {
-      // bind refuses e.g. when a dynamic id is gone; drivers_probe may still find it.
-      if (currentDriver(bdf) === undefined) write('drivers_probe', bdf, sysfs.pciDriversProbePath(), bdf);
-      else throw err;
+    if (currentDriver(bdf) === undefined) {
+      try {
+        write(`bind to ${to.driver}`, bdf, sysfs.pciDriverBindPath(to.driver), bdf);
+      } catch (err) {
+        // bind refuses e.g. when a dynamic id is gone; drivers_probe may still find it.
+        if (currentDriver(bdf) !== undefined) throw err;
+        write('drivers_probe', bdf, sysfs.pciDriversProbePath(), bdf);
+      }
     }
   }
   const now = await waitForDriver(bdf, to.driver, opts.probeWaitMs);
@@ -224,9 +227,9 @@ function selection(opts: BindOptions): string[] {
 // bind
 
 export async function bind(opts: BindOptions): Promise<BindReport> {
+  const targets = selection(opts);
   const table = opts.table ?? loadDriverTable();
   const aliases = opts.aliases ?? loadAliasIndex();
-  const targets = selection(opts);
   const o = { ...DEFAULTS, ...stripUndefined(opts) };
   const lock = opts.dryRun ? undefined : await acquireLock(o.lockTimeoutMs);
   try {
@@ -266,7 +269,9 @@ async function bindLocked(targets: string[], table: DriverTable, aliases: AliasI
     if (choice.driver) planned.set(bdf, { info: dev, choice, result });
   }
 
-  const pfs = table.manageSriovAutoprobe ? await manageAutoprobe(targets, table, aliases, info, o.dryRun === true) : [];
+  // Read (and so validate) the state file before any action: a corrupt one stops here.
+  const state = o.dryRun ? { devices: {}, pfs: {} } : readState();
+  const pfs = table.manageSriovAutoprobe ? await manageAutoprobe(targets, table, aliases, info, state, o.dryRun === true) : [];
 
   // Whole IOMMU groups: siblings the table covers come along, a sibling held by a host
   // driver the table does not cover makes the group unusable for VFIO - refuse early.
@@ -316,7 +321,7 @@ async function bindLocked(targets: string[], table: DriverTable, aliases: AliasI
       }
       continue;
     }
-    await bindGroup(ordered, o);
+    await bindGroup(ordered, state, o);
   }
   results.sort((a, b) => a.address.localeCompare(b.address));
   return { results, pfs, ok: results.every((r) => r.action !== 'failed' && r.action !== 'refused') && pfs.every((p) => p.action !== 'failed') };
@@ -327,7 +332,7 @@ function refuse(p: Planned, why: string): void {
   p.result.error = `bind ${p.info.address} to ${p.choice.driver} refused: ${why}`;
 }
 
-async function bindGroup(members: Planned[], o: BinderOptions & typeof DEFAULTS): Promise<void> {
+async function bindGroup(members: Planned[], state: BindingState, o: BinderOptions & typeof DEFAULTS): Promise<void> {
   const todo = members.filter((p) => p.info.driver !== p.choice.driver);
   for (const p of members) if (p.info.driver === p.choice.driver) p.result.action = 'already';
   if (todo.length === 0) return;
@@ -356,7 +361,6 @@ async function bindGroup(members: Planned[], o: BinderOptions & typeof DEFAULTS)
     }
   }
 
-  const state = readState();
   const saved = new Map<string, DeviceRecord | undefined>(); // state entries as they were before this run
   const moved: Planned[] = [];
   for (const p of todo) {
@@ -434,9 +438,15 @@ function failGroup(todo: Planned[], culprit: Planned, err: unknown, rollbackErro
  * sriov_drivers_autoprobe off on their PF (recorded; `unbind` turns it back on). A VF
  * with a driver_override still probes, which is how the udev rule binds it.
  */
-async function manageAutoprobe(targets: string[], table: DriverTable, aliases: AliasIndex, info: (bdf: string) => PciDeviceInfo, dryRun: boolean): Promise<PfResult[]> {
+async function manageAutoprobe(
+  targets: string[],
+  table: DriverTable,
+  aliases: AliasIndex,
+  info: (bdf: string) => PciDeviceInfo,
+  state: BindingState,
+  dryRun: boolean,
+): Promise<PfResult[]> {
   const out: PfResult[] = [];
-  let state: BindingState | undefined;
   for (const bdf of targets) {
     let pf: PciDeviceInfo;
     try {
@@ -453,7 +463,6 @@ async function manageAutoprobe(targets: string[], table: DriverTable, aliases: A
       continue;
     }
     try {
-      state ??= readState();
       state.pfs[bdf] ??= { previousAutoprobe: true, since: new Date().toISOString() };
       writeState(state);
       write('turn sriov_drivers_autoprobe off', bdf, sysfs.pciAttrPath(bdf, 'sriov_drivers_autoprobe'), '0');

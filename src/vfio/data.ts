@@ -90,11 +90,12 @@ async function readOnce(f: DataFd, buf: Buffer, operation: string): Promise<numb
 }
 
 /**
- * STOP_COPY: reads until read() returns 0 (the permanent end of the device state).
- * ENOMSG is not allowed there by the uAPI and is reported as an error.
+ * Reads chunks into `sink` until the stream ends for now. In STOP_COPY a 0-byte read
+ * is the permanent end of the device state, and ENOMSG is a uAPI violation. In PRE_COPY
+ * both ENOMSG (mlx5 and most drivers) and 0 (mtty) mean "nothing now, maybe more later".
  */
-export async function readToEnd(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
-  const operation = 'read STOP_COPY data';
+async function readLoop(f: DataFd, sink: Sink, opts: ReadOptions, phase: 'STOP_COPY' | 'PRE_COPY'): Promise<number> {
+  const operation = `read ${phase} data`;
   f.assertOpen(operation);
   if (f.kind !== 'saving') throw new VfioError({ operation, device: f.device, errno: Errno.EBADF, hint: 'this is a resuming fd' });
   const chunk = opts.chunkSize ?? DEFAULT_CHUNK;
@@ -103,34 +104,24 @@ export async function readToEnd(f: DataFd, sink: Sink, opts: ReadOptions = {}): 
     if (opts.signal?.aborted) throw new VfioError({ operation, device: f.device, errno: Errno.ECANCELED, hint: 'cancelled' });
     const buf = Buffer.allocUnsafe(chunk);
     const n = await readOnce(f, buf, operation);
-    if (n === 'nothing-now') {
+    if (n === 'nothing-now' && phase === 'STOP_COPY') {
       throw new VfioError({ operation, device: f.device, errno: Errno.ENOMSG, hint: 'the driver returned ENOMSG in STOP_COPY, which the uAPI forbids' });
     }
-    if (n === 0) return total;
+    if (n === 'nothing-now' || n === 0) return total;
     total += n;
     f.bytes += n;
     await sink(buf.subarray(0, n));
   }
 }
 
-/**
- * PRE_COPY: reads what the device has now. Both ENOMSG (mlx5 and most drivers) and 0
- * (mtty) mean "nothing now, maybe more later" - never end of stream in this phase.
- */
-export async function readAvailable(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
-  const operation = 'read PRE_COPY data';
-  f.assertOpen(operation);
-  const chunk = opts.chunkSize ?? DEFAULT_CHUNK;
-  let total = 0;
-  for (;;) {
-    if (opts.signal?.aborted) throw new VfioError({ operation, device: f.device, errno: Errno.ECANCELED, hint: 'cancelled' });
-    const buf = Buffer.allocUnsafe(chunk);
-    const n = await readOnce(f, buf, operation);
-    if (n === 'nothing-now' || n === 0) return total;
-    total += n;
-    f.bytes += n;
-    await sink(buf.subarray(0, n));
-  }
+/** STOP_COPY: reads until read() returns 0, the end of the device state. */
+export function readToEnd(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
+  return readLoop(f, sink, opts, 'STOP_COPY');
+}
+
+/** PRE_COPY: reads what the device has now. */
+export function readAvailable(f: DataFd, sink: Sink, opts: ReadOptions = {}): Promise<number> {
+  return readLoop(f, sink, opts, 'PRE_COPY');
 }
 
 /** RESUMING: writes every byte, looping over short writes. */

@@ -4,7 +4,7 @@
 import test from 'ava';
 import { registerConformance } from '../conformance/suite.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
-import { requireRig, prepareEdu, prepareMtty, eduKnob, eduArcLog, openFdCount } from './guest.ts';
+import { requireRig, prepareEdu, prepareMtty, eduKnob, eduInject, eduArcLog, openFdCount } from './guest.ts';
 
 requireRig(test);
 
@@ -25,10 +25,7 @@ registerConformance(test, {
     eduKnob(id, 'arc_log', 'clear'); // a 0-byte write never reaches the driver
   },
   async inject(id, arc, errno, outcome) {
-    eduKnob(id, 'fail_errno', errno);
-    eduKnob(id, 'fail_mode', 'once');
-    eduKnob(id, 'fail_outcome', outcome);
-    eduKnob(id, 'fail_arc', arc);
+    eduInject(id, arc, { errno, outcome });
   },
   async clearInjection(id) {
     eduKnob(id, 'fail_arc', 'none');

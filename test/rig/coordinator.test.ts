@@ -7,7 +7,7 @@ import { VfioDevice } from '../../src/vfio/device.ts';
 import { Coordinator, CoordinatorError, type TimelineEntry } from '../../src/migration/coordinator.ts';
 import { readToEnd, writeAll } from '../../src/vfio/data.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
-import { requireRig, prepareEdu, prepareMtty, eduKnob } from './guest.ts';
+import { requireRig, prepareEdu, prepareMtty, eduKnob, eduInject } from './guest.ts';
 
 requireRig(test);
 const inRig = Boolean(process.env.VFIO_MIG_IN_RIG);
@@ -60,10 +60,7 @@ test.serial('four edu devices with 20 ms arcs quiesce and stop-copy in parallel'
 
 test.serial('an injected failure on device 3 during STOP_COPY leaves all four RUNNING', async (t) => {
   const four = edu.slice(0, 4);
-  eduKnob(four[2]!, 'fail_errno', 5);
-  eduKnob(four[2]!, 'fail_mode', 'once');
-  eduKnob(four[2]!, 'fail_outcome', 'error');
-  eduKnob(four[2]!, 'fail_arc', 'STOP>STOP_COPY');
+  eduInject(four[2]!, 'STOP>STOP_COPY', { outcome: 'error' });
   try {
     await opened(four, async (devs) => {
       const c = await Coordinator.create(devs);
@@ -81,11 +78,8 @@ test.serial('an injected failure on device 3 during STOP_COPY leaves all four RU
 
 test.serial('mtty and edu in one set: a failing edu rolls the mtty devices back too', async (t) => {
   const set = [mtty[0]!, mtty[1]!, edu[0]!, edu[1]!];
-  eduKnob(edu[1]!, 'fail_errno', 5);
-  eduKnob(edu[1]!, 'fail_mode', 'once');
-  eduKnob(edu[1]!, 'fail_outcome', 'stay');
   // With PRE_COPY the save continues PRE_COPY_P2P -> STOP_COPY on the same fd.
-  eduKnob(edu[1]!, 'fail_arc', 'PRE_COPY_P2P>STOP_COPY');
+  eduInject(edu[1]!, 'PRE_COPY_P2P>STOP_COPY', { outcome: 'stay' });
   try {
     await opened(set, async (devs) => {
       const c = await Coordinator.create(devs);

@@ -76,6 +76,14 @@ export function eduKnob(bdf: string, knob: string, value?: string | number): str
   return readFileSync(path, 'utf8').trim();
 }
 
+/** Arms the edu driver's failure injection on one arc ("FROM>TO"). */
+export function eduInject(bdf: string, arc: string, opts: { errno?: number; mode?: 'once' | 'always'; outcome?: 'stay' | 'error' } = {}): void {
+  eduKnob(bdf, 'fail_errno', opts.errno ?? 5);
+  eduKnob(bdf, 'fail_mode', opts.mode ?? 'once');
+  eduKnob(bdf, 'fail_outcome', opts.outcome ?? 'stay');
+  eduKnob(bdf, 'fail_arc', arc);
+}
+
 export interface EduArc {
   from: MigState;
   to: MigState;

@@ -1,9 +1,8 @@
 // `vfio-mig qualify` against the real kernel: edu and mtty pairs pass; an edu device
 // with an injected fault fails, naming the arc.
 import test from 'ava';
-import { PassThrough } from 'node:stream';
-import { main } from '../../src/cli/main.ts';
-import { requireRig, prepareEdu, prepareMtty, eduKnob } from './guest.ts';
+import { runCli } from '../cli-harness.ts';
+import { requireRig, prepareEdu, prepareMtty, eduKnob, eduInject } from './guest.ts';
 
 requireRig(test);
 const inRig = Boolean(process.env.VFIO_MIG_IN_RIG);
@@ -11,13 +10,8 @@ const edu = inRig ? prepareEdu() : [];
 const mtty = inRig ? prepareMtty(2) : [];
 
 async function qualify(...ids: string[]): Promise<{ code: number; out: string }> {
-  const out = new PassThrough();
-  let text = '';
-  out.on('data', (c) => (text += c));
-  const err = new PassThrough();
-  err.on('data', (c) => (text += c));
-  const code = await main(['qualify', ...ids], out, err);
-  return { code, out: text };
+  const r = await runCli(['qualify', ...ids]);
+  return { code: r.code, out: r.out + r.err };
 }
 
 test.serial('an edu pair qualifies', async (t) => {
@@ -36,10 +30,7 @@ test.serial('an mtty pair qualifies', async (t) => {
 
 test.serial('an edu device with an injected fault fails, naming the arc', async (t) => {
   const id = edu[2] ?? edu[0]!;
-  eduKnob(id, 'fail_errno', 5);
-  eduKnob(id, 'fail_mode', 'always');
-  eduKnob(id, 'fail_outcome', 'stay');
-  eduKnob(id, 'fail_arc', 'STOP>RESUMING');
+  eduInject(id, 'STOP>RESUMING', { mode: 'always', outcome: 'stay' });
   try {
     const r = await qualify(id);
     t.is(r.code, 1, r.out);

@@ -1,8 +1,7 @@
 // `vfio-mig devices` on a fake host: migratable, in-use, plain vfio-pci and mdev devices.
 import test from 'ava';
-import { PassThrough } from 'node:stream';
 import { installFake } from '../fake/install.ts';
-import { main } from '../../src/cli/main.ts';
+import { runCli } from '../cli-harness.ts';
 import { VfioDevice } from '../../src/vfio/device.ts';
 
 const fake = installFake(test);
@@ -12,16 +11,7 @@ fake.addDevice({ id: '0000:3b:00.4', driver: 'vfio-pci' });
 fake.addDevice({ id: '83b8f4f2-509f-382f-3c1e-e6bfe0fa0001', flags: 7, driver: 'vfio_mdev' });
 fake.addGroupSibling('0000:00:1f.0', 99, 'lpc_ich'); // a host device: not listed
 
-async function run(argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out = new PassThrough();
-  const err = new PassThrough();
-  let o = '';
-  let e = '';
-  out.on('data', (c) => (o += c));
-  err.on('data', (c) => (e += c));
-  const code = await main(argv, out, err);
-  return { code, out: o, err: e };
-}
+const run = runCli;
 
 test.serial('devices --json lists VFIO devices with flags, state, or why not', async (t) => {
   const busy = VfioDevice.open('0000:3b:00.3'); // a "VM" holds this one

@@ -1,9 +1,8 @@
 // `vfio-mig qualify` on the fake kernel: a conforming device passes, a faulty one fails
 // naming the arc, and a driver that accepts a forbidden state is caught.
 import test from 'ava';
-import { PassThrough } from 'node:stream';
 import { installFake } from '../fake/install.ts';
-import { main } from '../../src/cli/main.ts';
+import { runCli } from '../cli-harness.ts';
 import { Errno } from '../../src/vfio/errno.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
 
@@ -14,16 +13,7 @@ fake.addDevice({ id: B, flags: 7, seed: 2, stateSize: 5000 });
 fake.addDevice({ id: C, flags: 3, seed: 3 });
 fake.addDevice({ id: D, flags: 1, seed: 4 });
 
-async function run(argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out = new PassThrough();
-  const err = new PassThrough();
-  let o = '';
-  let e = '';
-  out.on('data', (c) => (o += c));
-  err.on('data', (c) => (e += c));
-  const code = await main(argv, out, err);
-  return { code, out: o, err: e };
-}
+const run = runCli;
 
 test.serial('a conforming pair passes, with every allowed arc, refusals, data size and the state move', async (t) => {
   const { code, out } = await run(['qualify', A, B, '--json']);
