@@ -4,7 +4,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/', 'scratch/', 'native/', '**/*.cjs'] },
+  { ignores: ['node_modules/', 'scratch/', 'native/', '**/*.cjs', '**/.build/'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {

@@ -5,7 +5,7 @@
 
 import { parseArgs, UsageError } from './args.ts';
 import { bind, type BindReport } from '../pci/binder.ts';
-import { table } from './drivers.ts';
+import { table } from './table.ts';
 
 export const usage = 'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]   bind devices to the driver the table chooses';
 

@@ -2,6 +2,7 @@
 
 import { parseArgs } from './args.ts';
 import { inventory, type InventoryEntry } from '../vfio/inventory.ts';
+import { table } from './table.ts';
 
 export const usage = 'vfio-mig devices [--json]   list VFIO-bound PCI devices and mdevs with their migration capability';
 
@@ -29,8 +30,3 @@ function migration(e: InventoryEntry): string {
   return 'error' in e.migration ? `no: ${e.migration.error}` : `${e.migration.flags.join('|')} (${e.migration.state})`;
 }
 
-export function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ');
-  return [line(header), ...rows.map(line)].join('\n') + '\n';
-}

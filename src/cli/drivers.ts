@@ -3,6 +3,7 @@
 
 import { parseArgs, UsageError } from './args.ts';
 import { surveyDrivers, type DriverRow } from '../pci/survey.ts';
+import { table } from './table.ts';
 
 export const usage = 'vfio-mig drivers [--json]   every PCI device: current driver, chosen driver and why';
 
@@ -35,12 +36,3 @@ function current(r: DriverRow): string {
   return `${r.current ?? '-'}${r.managed ? '*' : ''}`;
 }
 
-/**
- * Aligned columns, the last one free-running. The same layout as `vfio-mig devices`;
- * not imported from there, which would load the VFIO ioctl layer into the boot path.
- */
-export function table(header: string[], rows: string[][]): string {
-  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i]!))).join('  ');
-  return [line(header), ...rows.map(line)].join('\n') + '\n';
-}

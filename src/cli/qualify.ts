@@ -3,7 +3,7 @@
 // the next one. Exit 0 only when every device passes.
 
 import { parseArgs, UsageError } from './args.ts';
-import { table } from './devices.ts';
+import { table } from './table.ts';
 import { VfioDevice } from '../vfio/device.ts';
 import { qualifyDevice, type QualifyReport } from '../migration/qualify.ts';
 

@@ -3,7 +3,7 @@
 
 import { parseArgs } from './args.ts';
 import { unbind } from '../pci/binder.ts';
-import { table } from './drivers.ts';
+import { table } from './table.ts';
 
 export const usage = 'vfio-mig unbind [--device BDF...] [--dry-run] [--json]   restore the drivers devices had before vfio-mig bound them';
 

@@ -270,7 +270,7 @@ function load(): Natives {
     wakeTimeoutCb: undefined,
   };
   // virInitialize makes the library safe for threads before any worker uses it.
-  lib.func('int virInitialize(void)')();
+  if (Number(lib.func('int virInitialize(void)')()) < 0) throw new Error('virInitialize failed');
   const setErrorFunc = lib.func('void virSetErrorFunc(void *userData, virErrorFunc *handler)');
   setErrorFunc(null, koffi.register(onLibvirtError, koffi.pointer(errorFunc)));
   n.monitorEventCb = koffi.register(onMonitorEvent, koffi.pointer(monitorEventProto));
@@ -359,8 +359,20 @@ function takePtrArray(arr: Ptr, count: number): Ptr[] {
   return ptrs;
 }
 
-/** Domains and node devices free their libvirt handle when garbage-collected (or on dispose()). */
-const domainFinalizer = new FinalizationRegistry<Ptr>((p) => void natives?.domainFree(p));
+/** Domain handles are freed when garbage-collected (or at once by dispose()); node device handles never outlive their call. */
+const domainFinalizer = new FinalizationRegistry<Ptr>((p) => {
+  if (natives) quiet(() => natives!.domainFree(p));
+});
+
+/** A call whose failure is not reported (frees, getters that cannot fail): keeps the error callback out of it. */
+function quiet<T>(fn: () => T): T {
+  inSyncCall = true;
+  try {
+    return fn();
+  } finally {
+    inSyncCall = false;
+  }
+}
 
 // --- event loop ------------------------------------------------------------------------------
 
@@ -445,13 +457,7 @@ function onMonitorEvent(_conn: unknown, dom: unknown, event: string | null, seco
   const deliver = subscriptions.get(Number(opaque));
   if (!deliver || !event) return;
   const n = natives!;
-  let domain = '';
-  inSyncCall = true;
-  try {
-    domain = (n.domainGetName(dom) as string | null) ?? '';
-  } finally {
-    inSyncCall = false;
-  }
+  const domain = quiet(() => n.domainGetName(dom) as string | null) ?? '';
   let data: unknown = {};
   if (details) {
     try {
@@ -533,7 +539,7 @@ function checkString(what: string, v: string, max = 65536): void {
 export class Connection {
   readonly uri: string;
   /** The virConnectPtr (valid until close()). */
-  handle: Ptr;
+  readonly handle: Ptr;
   private open = true;
   private readonly pumped: boolean;
   private readonly subs = new Set<QemuMonitorEvents>();
@@ -632,9 +638,9 @@ export class Connection {
     const count = sync('virConnectListAllNodeDevices', () => n.connectListAllNodeDevices(this.live(), out, flags >>> 0), isNeg) as number;
     return takePtrArray(readPtr(out), count).map((p) => {
       try {
-        return (n.nodeDeviceGetName(p) as string | null) ?? '';
+        return sync('virNodeDeviceGetName', () => n.nodeDeviceGetName(p) as string | null, (r) => r === null)!;
       } finally {
-        n.nodeDeviceFree(p);
+        quiet(() => n.nodeDeviceFree(p));
       }
     });
   }
@@ -647,7 +653,7 @@ export class Connection {
       const xml = sync(`virNodeDeviceGetXMLDesc ${name}`, () => n.nodeDeviceGetXMLDesc(p, 0) as string | null, (x) => x === null) as string;
       return { name, xml };
     } finally {
-      n.nodeDeviceFree(p);
+      quiet(() => n.nodeDeviceFree(p));
     }
   }
 
@@ -659,6 +665,7 @@ export class Connection {
   qemuMonitorEvents(opts: { domain?: Domain; event?: string; regex?: boolean; backlog?: number; defaultTimeoutMs?: number } = {}): QemuMonitorEvents {
     if (!this.pumped) throw new Error('QEMU monitor events need a connection opened with { events: true }');
     if (opts.event !== undefined) checkString('event filter', opts.event, 256);
+    if (opts.domain && opts.domain.conn !== this) throw new TypeError('the domain belongs to another connection');
     const n = load();
     const id = nextSubscription++;
     const hub = new EventHub<DomainQmpEvent>({
@@ -783,7 +790,8 @@ export class Domain implements QmpExecutor {
 
   /** The running domain's id, or undefined when it is not running. */
   get id(): number | undefined {
-    const id = Number(load().domainGetID(this.live()));
+    const n = load();
+    const id = Number(quiet(() => n.domainGetID(this.live())));
     return id === 0xffffffff ? undefined : id;
   }
 
@@ -873,7 +881,8 @@ export class Domain implements QmpExecutor {
     if (this.disposed) return;
     this.disposed = true;
     domainFinalizer.unregister(this);
-    load().domainFree(this.handle);
+    const n = load();
+    quiet(() => n.domainFree(this.handle));
   }
 
   private live(): Ptr {
@@ -884,12 +893,7 @@ export class Domain implements QmpExecutor {
 
   private label(): string {
     const n = load();
-    inSyncCall = true;
-    try {
-      return (n.domainGetName(this.handle) as string | null) ?? '?';
-    } finally {
-      inSyncCall = false;
-    }
+    return quiet(() => n.domainGetName(this.handle) as string | null) ?? '?';
   }
 }
 

@@ -5,7 +5,9 @@
 //      rule - it has no migration support, so choosing it silently would hide the
 //      very problem this tool exists to fix.
 
-import { pciDriverForModule, moduleForPciDriver, canonicalModule } from './drivernames.ts';
+import { pciDriverForModule, moduleForPciDriver, canonicalModule, isVfioDriver, DMA_SAFE_DRIVERS } from './drivernames.ts';
+
+export { isVfioDriver, DMA_SAFE_DRIVERS };
 import type { AliasIndex } from './modalias.ts';
 import type { PciDeviceInfo } from './pcidev.ts';
 import { findRule, describeRule, type DriverTable, type RuleTarget } from './table.ts';
@@ -29,21 +31,6 @@ export interface Choice {
   candidates?: string[];
 }
 
-/**
- * Drivers that may share an IOMMU group with a VFIO-bound device: they set
- * driver_managed_dma, so the kernel lets VFIO claim the group (pcieport for bridges,
- * pci-stub for devices parked by the operator).
- */
-export const DMA_SAFE_DRIVERS: ReadonlySet<string> = new Set(['pcieport', 'pci-stub']);
-
-/**
- * vfio-pci and its variants (mlx5_vfio_pci, xe-vfio-pci, ...). The same rule as
- * src/vfio/device.ts's isVfioDriver (a unit test keeps them equal); not imported from
- * there because vfio/ builds on pci/, and the boot path should not load the ioctl layer.
- */
-export function isVfioDriver(driver: string): boolean {
-  return /vfio/i.test(driver);
-}
 
 /** A driver that uses the device for the host (as opposed to VFIO, or parking it). */
 export function isHostDriver(driver: string | undefined): boolean {

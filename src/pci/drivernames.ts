@@ -40,3 +40,14 @@ export function moduleForPciDriver(driver: string): string {
   const known = KNOWN.find(([, d]) => d === name)?.[0];
   return known ?? canonicalModule(name);
 }
+
+/**
+ * Drivers a VFIO group tolerates besides VFIO drivers: bridges (pcieport) and devices
+ * parked by the operator (pci-stub).
+ */
+export const DMA_SAFE_DRIVERS: ReadonlySet<string> = new Set(['pcieport', 'pci-stub']);
+
+/** vfio-pci and its variants (mlx5_vfio_pci, xe-vfio-pci, ...), by name. */
+export function isVfioDriver(driver: string): boolean {
+  return /vfio/i.test(driver);
+}

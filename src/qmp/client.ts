@@ -227,30 +227,35 @@ export class QmpClient implements QmpFdExecutor {
     });
   }
 
-  private async writeWithFd(line: Buffer, fd: number): Promise<void> {
-    // sendmsg goes around node's write queue, so that queue must be empty first or the
-    // command would overtake bytes written before it.
-    while (this.writesInFlight > 0 || this.socket.writableLength > 0) {
-      await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
-    }
-    if (this.phase === 'closed') throw this.closedError('fd passing');
-    // net.Socket has no public accessor for its descriptor; on Linux the libuv handle
-    // (Pipe/TCP wrap) exposes it as `_handle.fd`. Only ever read here, for one sendmsg.
-    const socketFd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (typeof socketFd !== 'number' || socketFd < 0) throw new Error('cannot pass a file descriptor: the socket has no descriptor (closed?)');
-    let sent = 0;
-    for (let attempt = 0; ; attempt++) {
-      try {
-        sent = sendFd(socketFd, line, fd);
-        break;
-      } catch (err) {
-        // The socket is non-blocking: a full send buffer gives EAGAIN; wait a little.
-        if ((err as { code?: string }).code !== 'EAGAIN' || attempt >= 100) throw err;
-        await new Promise((r) => setTimeout(r, 10));
+  /** fd-carrying commands go out one at a time (a partial send's remainder must not interleave). */
+  private fdChain: Promise<void> = Promise.resolve();
+
+  private writeWithFd(line: Buffer, fd: number): Promise<void> {
+    const run = async (): Promise<void> => {
+      let sent = 0;
+      for (let attempt = 0; ; attempt++) {
+        // sendmsg goes around node's write queue, so that queue must be empty right before
+        // it (checked in the same tick) or the command would overtake earlier bytes.
+        while (this.writesInFlight > 0) await new Promise<void>((resolve) => this.flushWaiters.push(resolve));
         if (this.closed) throw this.closedError('fd passing');
+        // net.Socket has no public accessor for its descriptor; on Linux the libuv handle
+        // (Pipe/TCP wrap) exposes it as `_handle.fd`. Only ever read here, for one sendmsg.
+        const socketFd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+        if (typeof socketFd !== 'number' || socketFd < 0) throw new Error('cannot pass a file descriptor: the socket has no descriptor (closed?)');
+        try {
+          sent = sendFd(socketFd, line, fd);
+          break;
+        } catch (err) {
+          // The socket is non-blocking: a full send buffer gives EAGAIN (nothing was sent).
+          if ((err as { code?: string }).code !== 'EAGAIN' || attempt >= 100) throw err;
+          await new Promise((r) => setTimeout(r, 10));
+        }
       }
-    }
-    if (sent < line.length) this.write(line.subarray(sent));
+      if (sent < line.length) this.write(line.subarray(sent));
+    };
+    const p = this.fdChain.then(run, run);
+    this.fdChain = p.catch(() => undefined);
+    return p;
   }
 
   private onData(chunk: Buffer): void {

@@ -14,6 +14,9 @@ import { plan, checkMigrationFlags, describeFlags, arcOpensSession, type Arc } f
 import { DataFd } from './data.ts';
 import * as sysfs from '../pci/sysfs.ts';
 import type { DeviceId } from '../pci/sysfs.ts';
+import { isVfioDriver, DMA_SAFE_DRIVERS } from '../pci/drivernames.ts';
+
+export { isVfioDriver };
 
 export type OpenPath = 'auto' | 'group' | 'cdev';
 
@@ -488,9 +491,6 @@ export function describeNonViableGroup(group: number): string {
   return `group ${group} is not viable: ${list} - bind it to vfio-pci or unbind it`;
 }
 
-// Drivers the kernel tolerates in a VFIO group besides VFIO drivers themselves.
-const GROUP_SAFE_DRIVERS = new Set(['pci-stub', 'pcieport']);
-
 export interface GroupMember {
   name: string;
   driver: string | undefined;
@@ -500,14 +500,9 @@ export interface GroupMember {
 export function groupMembers(group: number): GroupMember[] {
   return sysfs.groupMembers(group).map((m) => {
     const driver = sysfs.driverOf(m);
-    const vfioCompatible = driver === undefined || GROUP_SAFE_DRIVERS.has(driver) || isVfioDriver(driver) || sysfs.vfioCdevName(m) !== undefined;
+    const vfioCompatible = driver === undefined || DMA_SAFE_DRIVERS.has(driver) || isVfioDriver(driver) || sysfs.vfioCdevName(m) !== undefined;
     return { name: sysfs.deviceIdString(m), driver, vfioCompatible };
   });
-}
-
-/** vfio-pci and its variants (mlx5_vfio_pci, xe-vfio-pci, ...) and mdev vendor drivers bound via vfio_mdev. */
-export function isVfioDriver(driver: string): boolean {
-  return /vfio/i.test(driver);
 }
 
 function openViaCdev(name: string, cdev: string): Handles {

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/../.."
 if [ ! -d node_modules/koffi ] || [ ! -d node_modules/tsx ]; then
   npm ci --no-audit --no-fund
 fi
-exec test/rig/run.sh 'node_modules/.bin/tsx test/demo/demo.ts'
+node test/rig/build.mjs
+exec test/rig/run.sh 'node --enable-source-maps test/demo/.build/demo.mjs'

@@ -114,7 +114,8 @@ test.serial('migrate_cancel while active (bandwidth-limited to a sink): the sour
   await new Promise<void>((r) => sink.listen(sinkPath, r));
   t.teardown(() => sink.close());
   await qmp.migrateSetCapabilities(vm.qmp, { events: true });
-  await qmp.migrateSetParameters(vm.qmp, { 'max-bandwidth': 64 * 1024 });
+  // 4 KiB/s: the idle 64 MiB guest's stream (~160 KB of zero-page records) takes ~40 s.
+  await qmp.migrateSetParameters(vm.qmp, { 'max-bandwidth': 4096 });
   const mark = vm.qmp.lastSeq;
   await qmp.migrate(vm.qmp, { uri: `unix:${sinkPath}` });
   await vm.qmp.waitFor('MIGRATION', (e) => e.typed.status === 'active', 30_000, { since: mark });
@@ -125,6 +126,7 @@ test.serial('migrate_cancel while active (bandwidth-limited to a sink): the sour
   const st = await qmp.queryStatus(vm.qmp);
   t.true(st.running);
   t.is(vm.qmp.recentEvents().filter((e) => e.seq > mark && e.event === 'STOP').length, 0, 'the vCPUs were never stopped');
+  for (let i = 0; i < 100 && received === 0; i++) await new Promise((r) => setTimeout(r, 20));
   t.true(received > 0, 'the stream did flow to the sink');
 });
 

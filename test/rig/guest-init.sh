@@ -8,7 +8,8 @@
 #    reads the run's parameters from its .rig/ folder (written by run.sh),
 # 4. mounts fresh proc/sys/dev/devpts/shm/run/debugfs and the rig's module tree,
 # 5. runs the command (or a shell) with the host's bash in the caller's directory, on
-#    ttyS0 (the runner's stdout), writes its exit code to .rig/rc and powers off.
+#    ttyS0 (QEMU writes it to the runner's stdout), writes its exit code to .rig/rc
+#    and powers off.
 # Anything that goes wrong is logged to the kernel log (ttyS1 -> kernel.log) and the
 # guest powers off without an rc file, which the runner reports as exit 125.
 #
@@ -58,6 +59,11 @@ results=$(cat "$conf/results")
 kver=$(cat "$conf/kver")
 modtree=$(cat "$conf/modtree")
 mode=$(cat "$conf/mode")
+con=/dev/ttyS0
+# Held open for the whole run: a tty forgets its window size when its last user closes it.
+exec 3<>"$con"
+size=$(cat "$conf/size" 2>/dev/null)
+[ -f "$conf/verbose" ] && verbose=1 || verbose=0
 [ "$kver" = "$(uname -r)" ] || fail "run parameters are for kernel $kver, this is $(uname -r)"
 
 R=/newroot
@@ -94,23 +100,25 @@ exec env -i "${envs[@]}" bash -c "$(cat "$rig/command")"
 '
 
 if [ "$mode" = shell ]; then
-  size=$(cat "$conf/size" 2>/dev/null)
-  stty -F /dev/ttyS0 sane
-  [ -n "$size" ] && stty -F /dev/ttyS0 rows "${size% *}" cols "${size#* }"
-  stdin=/dev/ttyS0
+  stty -F "$con" sane
+  [ -n "$size" ] && stty -F "$con" rows "${size% *}" cols "${size#* }"
+  stdin=$con
 else
   # Plain "\n" on the wire, so the runner's stdout is byte-for-byte the command's output.
-  stty -F /dev/ttyS0 -onlcr -echo
+  stty -F "$con" -onlcr -echo
   stdin=/dev/null
 fi
 
 # Boot ran "quiet" (serial output is slow under TCG); from here on every kernel message
 # reaches kernel.log, e.g. driver probes and warnings during the command.
-[ -f "$conf/verbose" ] || echo 7 >/proc/sys/kernel/printk
+[ "$verbose" = 1 ] || echo 7 >/proc/sys/kernel/printk
 cut -d' ' -f1 /proc/uptime >"$R$results/.rig/uptime-start"
 log "command starts"
-chroot $R /bin/bash -c "$stage2" rig-stage2 "$results/.rig" "$mode" <$stdin >/dev/ttyS0 2>&1
+chroot $R /bin/bash -c "$stage2" rig-stage2 "$results/.rig" "$mode" <$stdin >"$con" 2>&1 3<&-
 rc=$?
+# tcsetattr(TCSADRAIN): returns once the console has sent everything, so the power-off
+# below cannot cut off the end of the output.
+stty -F "$con" -echo 2>/dev/null
 cut -d' ' -f1 /proc/uptime >"$R$results/.rig/uptime-end"
 log "command exited with $rc"
 

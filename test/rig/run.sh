@@ -31,6 +31,7 @@ Environment knobs:
   VFIO_MIG_RIG_VERBOSE=1       kernel messages and the QEMU command line on stderr
   VFIO_MIG_RIG_TIMING=1        print boot/command/total timings on stderr
   VFIO_MIG_RIG_ACCEL=auto      auto | kvm | tcg
+  VFIO_MIG_RIG_TCG_THREAD=single  single | multi (TCG vCPU threads)
   VFIO_MIG_RIG_MEM=2G  VFIO_MIG_RIG_CPUS=2
   VFIO_MIG_RIG_PASS_ENV='A B'  also pass these host variables into the guest
                                (every VFIO_MIG_* variable is passed anyway)
@@ -120,7 +121,13 @@ if [[ $accel == kvm ]]; then
   machine=q35,kernel-irqchip=split
   accel_args=(-accel kvm -cpu host)
 else
-  accel_args=(-accel "tcg,thread=${VFIO_MIG_RIG_TCG_THREAD:-multi},tb-size=256" -cpu max)
+  # thread=single (all vCPUs in one host thread) by default: measured on this 2-core
+  # machine while other work ran, it was faster than thread=multi in every A/B pair
+  # (boot+node: 24-29 s vs 29-40 s; CPU 12-13 s vs 16-18 s), and it cannot hit the
+  # multi-thread race that makes QEMU abort in iotlb_to_section (seen here once).
+  tcg_thread=${VFIO_MIG_RIG_TCG_THREAD:-single}
+  [[ $tcg_thread == multi || $tcg_thread == single ]] || setup_failed "VFIO_MIG_RIG_TCG_THREAD must be multi or single"
+  accel_args=(-accel "tcg,thread=$tcg_thread,tb-size=256" -cpu max)
 fi
 msg "accel=$accel ($why)"
 
@@ -187,7 +194,9 @@ printf '%s\n' "$mode" >"$R/.rig/mode"
 printf '%s\n' "$(pwd -P)" >"$R/.rig/cwd"
 printf '%s' "$command_text" >"$R/.rig/command"   # a file: no kernel command-line limit
 if [[ $mode == shell ]] && [[ -t 0 ]]; then
-  stty size 2>/dev/null >"$R/.rig/size" || true
+  # The guest's tty cannot learn the window size over a serial line: tell it once.
+  size=$(stty size 2>/dev/null || true)
+  if [[ $size =~ ^[1-9][0-9]*\ [1-9][0-9]*$ ]]; then printf '%s\n' "$size" >"$R/.rig/size"; fi
 fi
 : >"$R/kernel.log"
 
@@ -195,7 +204,13 @@ fi
 qesc() { printf '%s' "${1//,/,,}"; }   # QEMU option values escape ',' as ',,'
 # quiet: the boot's ~500 console lines cost seconds under TCG; guest-init.sh turns the
 # console log level back up before the command, and oopses/panics always print in full.
+# ttyS0 carries the command's output (QEMU: stdout), ttyS1 the kernel log (kernel.log).
+# (A virtio console was tried for ttyS0: hvc under TCG was 15x slower and lost bytes.)
 append="console=ttyS1 rdinit=/init panic=-1 oops=panic intel_iommu=on iommu=pt"
+# Boot-time savers under TCG, irrelevant to what the rig tests: no crypto self-tests
+# (~0.5 s), no speculation mitigations (pure emulation overhead), no TSC calibration
+# watchdog, no audit, and only the two serial ports QEMU has.
+append+=" cryptomgr.notests mitigations=off tsc=reliable audit=0 8250.nr_uarts=2"
 if [[ $VERBOSE == 1 ]]; then : >"$R/.rig/verbose"; else append+=" quiet"; fi
 append+=" ${VFIO_MIG_RIG_APPEND:-}"
 q=(qemu-system-x86_64 -nodefaults -no-user-config -display none -no-reboot
@@ -237,9 +252,13 @@ launch() { # -> qrc: QEMU's (or timeout's) exit status
   rm -f "$R/.rig/rc" "$R/.rig/uptime-start" "$R/.rig/uptime-end"
   set +e
   if [[ $mode == shell ]]; then
-    # In the foreground: a background job's stdin would be /dev/null.
-    "${q[@]}" 2>"$R/.rig/qemu.stderr"
+    # Explicit <&0: a background job's stdin would otherwise be /dev/null. Still in our
+    # process group, so it may read the terminal; in the background so traps can kill it.
+    "${q[@]}" <&0 2>"$R/.rig/qemu.stderr" &
+    qpid=$!
+    wait "$qpid"
     qrc=$?
+    qpid=
   else
     # timeout puts QEMU in its own process group; stdin stays away from the guest.
     timeout -k 5 "$TIMEOUT" "${q[@]}" </dev/null 2>"$R/.rig/qemu.stderr" &
@@ -254,9 +273,10 @@ launch() { # -> qrc: QEMU's (or timeout's) exit status
 
 [[ $mode == shell ]] && msg "guest shell: 'exit' powers off, Ctrl-A x kills QEMU"
 launch
-# Multi-threaded TCG has a rare race (QEMU aborts in iotlb_to_section while the guest
-# reprograms PCI BARs, seen ~1 in 50 boots here). If QEMU itself aborted before the
-# command started, nothing of the command ran: boot once more.
+# Multi-threaded TCG (VFIO_MIG_RIG_TCG_THREAD=multi) has a rare race: QEMU aborts in
+# iotlb_to_section while the guest reprograms PCI BARs (seen once in ~50 boots here).
+# If QEMU itself aborted before the command started, nothing of the command ran: boot
+# once more.
 if [[ ! -f $R/.rig/uptime-start ]] && (( qrc == 134 )) && grep -q 'Assertion' "$R/.rig/qemu.stderr"; then
   msg "QEMU aborted during boot ($(grep -m1 -o 'Assertion.*' "$R/.rig/qemu.stderr")), booting again"
   launch

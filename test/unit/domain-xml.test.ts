@@ -47,8 +47,10 @@ function canonical(xml: string): string {
     pos = TOKEN.lastIndex;
     if (m[1] !== undefined) out.push(`<!--${m[1]}-->`);
     else if (m[2] !== undefined) out.push(escText(m[2]));
-    else if (m[3] !== undefined) (out.push(`</${m[3]}>`), depth--);
-    else if (m[4] !== undefined) {
+    else if (m[3] !== undefined) {
+      out.push(`</${m[3]}>`);
+      depth--;
+    } else if (m[4] !== undefined) {
       const attrs = [...m[5]!.matchAll(ATTR)].map((a) => [a[1]!, unescapeXml(a[2] ?? a[3] ?? '')] as const);
       attrs.sort(([a], [b]) => (a.startsWith('xmlns') === b.startsWith('xmlns') ? (a < b ? -1 : 1) : a.startsWith('xmlns') ? -1 : 1));
       out.push(`<${m[4]}${attrs.map(([k, v]) => ` ${k}="${escAttr(v)}"`).join('')}>`);

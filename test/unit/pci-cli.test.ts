@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { installFakeSysfs } from '../fake/sysfs.ts';
 import { bigAliasFile } from '../fake/sysfs-aliases.ts';
-import { main } from '../../src/cli/main.ts';
+import { runCli as run } from '../cli-harness.ts';
 import { daemonHook, type RunResult } from '../../src/hooks/daemon.ts';
 
 const fake = installFakeSysfs(test);
@@ -21,17 +21,6 @@ fake.addDevice({ bdf: '0000:01:00.0', vendor: '1234', device: '11e8', subsystemV
 fake.addDevice({ bdf: '0000:02:00.0', vendor: '1234', device: '11e8', subsystemVendor: '1af4', subsystemDevice: '1100', class: '00ff00', group: 9 });
 fake.addDevice({ bdf: '0000:05:00.0', vendor: '8086', device: '10fb', class: '020000', group: 40, driver: 'ixgbe' });
 fake.writeAliases(bigAliasFile());
-
-async function run(argv: string[]): Promise<{ code: number; out: string; err: string }> {
-  const out = new PassThrough();
-  const err = new PassThrough();
-  let o = '';
-  let e = '';
-  out.on('data', (c) => (o += c));
-  err.on('data', (c) => (e += c));
-  const code = await main(argv, out, err);
-  return { code, out: o, err: e };
-}
 
 test.serial('drivers --json: every device with current, chosen and why', async (t) => {
   const { code, out } = await run(['drivers', '--json']);
