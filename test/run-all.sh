@@ -16,6 +16,14 @@ if [ ! -d node_modules/ava ] || [ ! -d node_modules/koffi ] || [ package-lock.js
   npm ci --no-audit --no-fund || { echo "npm ci failed"; echo "0 passed, 1 failed"; exit 1; }
 fi
 
+# Debian packages (QEMU 10 and libvirt 11.3 from bookworm-backports, busybox, kmod, ...)
+# before any suite, so the unit tests that load libvirt0 find it too. The rig's kernel
+# and modules are fetched by test/rig/run.sh itself.
+say "set-up: Debian packages"
+host_setup=fail
+if [ "$(id -u)" -eq 0 ] && test/libvirt/setup.sh; then host_setup=ok; fi
+[ "$host_setup" = ok ] || echo "HOST SET-UP INCOMPLETE: the qemu, libvirt and rig suites will report it" >&2
+
 say "type-check"
 npx --no-install tsc --noEmit; record typecheck $?
 

@@ -7,4 +7,4 @@ if [ ! -d node_modules/koffi ] || [ ! -d node_modules/tsx ]; then
   npm ci --no-audit --no-fund
 fi
 node test/rig/build.mjs
-exec test/rig/run.sh 'node --enable-source-maps test/demo/.build/demo.mjs'
+exec test/rig/run.sh 'node --enable-source-maps test/.rig-build/demo.mjs'

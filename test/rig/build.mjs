@@ -1,5 +1,5 @@
 // Bundles the rig's TypeScript entry points (test/rig/*.test.ts, test/demo/demo.ts) into
-// plain ESM JavaScript on the host, next to their sources in .build/ folders, so the
+// plain ESM JavaScript on the host, in test/.rig-build/, so the
 // TCG guest runs them with plain node: loading tsx and transpiling in the guest costs
 // 20-30 s per test file under emulation. Runs in well under a second on the host.
 import { build } from 'esbuild';
@@ -13,16 +13,16 @@ const entries = [
   join(root, 'test', 'demo', 'demo.ts'),
 ];
 
-for (const dir of new Set(entries.map((e) => join(dirname(e), '.build')))) {
-  rmSync(dir, { recursive: true, force: true });
-  mkdirSync(dir, { recursive: true });
-}
+// test/.rig-build sits at the same depth as test/rig and test/demo, so paths the code
+// builds from import.meta.url ("../../hooks/daemon", "../../plugin/...") still hold.
+const out = join(root, 'test', '.rig-build');
+rmSync(out, { recursive: true, force: true });
+mkdirSync(out, { recursive: true });
 await Promise.all(
   entries.map((entry) =>
     build({
       entryPoints: [entry],
-      // Same folder depth as the source, so paths built from import.meta.url still hold.
-      outfile: join(dirname(entry), '.build', basename(entry).replace(/\.ts$/, '.mjs')),
+      outfile: join(out, basename(entry).replace(/\.ts$/, '.mjs')),
       bundle: true,
       platform: 'node',
       format: 'esm',

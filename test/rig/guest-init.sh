@@ -77,11 +77,13 @@ mount -t tmpfs -o mode=0755 run $R/run
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs $R/sys/kernel/tracing 2>/dev/null
 
-mkdir -p "$R$results" && mount --move /mnt/results "$R$results" || fail "cannot mount the results dir at $results"
+if ! { mkdir -p "$R$results" && mount --move /mnt/results "$R$results"; }; then
+  fail "cannot mount the results dir at $results"
+fi
 # /lib is a relative symlink (usr/lib) on merged-/usr Debian, so this stays inside $R.
-mkdir -p "$R/lib/modules/$kver" \
-  && mount --bind "$R$modtree/lib/modules/$kver" "$R/lib/modules/$kver" \
-  || fail "cannot bind the module tree $modtree"
+if ! { mkdir -p "$R/lib/modules/$kver" && mount --bind "$R$modtree/lib/modules/$kver" "$R/lib/modules/$kver"; }; then
+  fail "cannot bind the module tree $modtree"
+fi
 
 hostname vfio-mig-rig
 ip link set lo up 2>/dev/null
@@ -89,6 +91,7 @@ ip link set lo up 2>/dev/null
 # Stage 2 runs under the host's bash inside the new root: it reads the environment
 # (NUL-separated NAME=value records, so any value is safe) and the command from files;
 # nothing is evaluated except the command itself, by bash -c.
+# shellcheck disable=SC2016  # expanded by the stage-2 bash, not here
 stage2='
 rig=$1 mode=$2
 mapfile -d "" -t envs <"$rig/env"

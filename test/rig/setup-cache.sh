@@ -98,7 +98,7 @@ field() { # stanza-text field -> value of the first "field:" line
 # package list changed since (apt-get update) or the kernel is not complete.
 bpo_list_newest() {
   local f newest=0 m
-  for f in /var/lib/apt/lists/*_dists_${SUITE}_*Packages*; do
+  for f in /var/lib/apt/lists/*_dists_"${SUITE}"_*Packages*; do
     [[ -f $f ]] || continue
     m=$(stat -c %Y "$f"); (( m > newest )) && newest=$m
   done
@@ -116,7 +116,7 @@ read_current() {
 
 resolve_kernel() {
   step "resolving the $SUITE kernel from the archive"
-  local meta img_show hdr_show
+  local meta hdr_show
   apt_init
   if ! meta=$(aptc show --no-all-versions "linux-image-amd64/$SUITE" 2>&1); then
     if grep -q 'No space left' <<<"$meta"; then

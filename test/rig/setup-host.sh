@@ -179,7 +179,7 @@ apt_install() {
     fi
     local d
     for d in $extra; do install_args+=("$d/$SUITE"); done
-    log "round $round: dependencies also needed from $SUITE: $(echo $extra)"
+    log "round $round: dependencies also needed from $SUITE: ${extra//$'\n'/ }"
   done
   # --force-confold keeps existing config files untouched.
   apt-get install -y -qq --no-install-recommends \

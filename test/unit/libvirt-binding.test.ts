@@ -18,7 +18,14 @@ function libvirtLoads(): boolean {
 
 const available = libvirtLoads();
 const t0 = available ? test.serial : test.skip;
-if (!available) test('libvirt0 is not installed: binding unit tests skipped (test/libvirt/setup.sh installs it; test/libvirt covers the binding)', (t) => t.pass());
+if (!available) {
+  // Loud: npm test installs libvirt0 before the unit tests, so on CI this must not happen.
+  test('libvirt0 is installed (the binding unit tests need it)', (t) => {
+    if (process.env.CI) t.fail('libvirt0 is missing on a CI machine: test/libvirt/setup.sh should have installed it');
+    else t.log('NOT RUN: libvirt0 is not installed - run test/libvirt/setup.sh (npm test does)');
+    t.pass();
+  });
+}
 
 const URI = 'test:///default';
 const xml = (name: string): string => `<domain type='test'><name>${name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os></domain>`;
