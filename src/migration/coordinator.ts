@@ -310,6 +310,12 @@ export class Coordinator {
     const needReset = new Set<Member>();
     await this.#parallel('rollback', live, async (m) => {
       if (m.state === MigState.Error || m.state === MigState.Running || m.state === MigState.PreCopy) return;
+      // Leaving RESUMING through STOP would commit data that may be partial or corrupt
+      // (some drivers, mtty among them, do not validate it): aborting a resume is a reset.
+      if (m.state === MigState.Resuming) {
+        needReset.add(m);
+        return;
+      }
       const barrier = m.flags & MigrationFlag.P2P ? MigState.RunningP2P : MigState.Stop;
       try {
         await this.#walk(m, barrier, 'rollback');
@@ -319,7 +325,14 @@ export class Coordinator {
     });
     // 2: reset what refused or is in ERROR; 3: everything to RUNNING.
     await this.#parallel('rollback', live, async (m) => {
-      if (m.state === MigState.Error || needReset.has(m)) await resetMember(m);
+      if (m.state !== MigState.Error && !needReset.has(m)) return;
+      try {
+        await resetMember(m);
+      } catch (err) {
+        // No usable reset: step 3 walks it to RUNNING instead, which is still better
+        // than leaving it stopped; an ERROR device without reset stays reported.
+        if (m.state === MigState.Error) throw err;
+      }
     });
     const failures = await this.#parallel('rollback', live, async (m) => {
       if (m.state === MigState.Running) return;

@@ -53,6 +53,8 @@ export interface FakeDeviceSpec {
   cdev?: boolean;
   /** A buggy driver: its state machine runs with these flags, not the ones it reports. */
   fsmFlags?: number;
+  /** false: like mtty, RESUMING -> STOP takes whatever was written, unchecked. */
+  validatesData?: boolean;
   vendor?: string;
   deviceId?: string;
 }
@@ -89,7 +91,7 @@ interface ResumingSession {
 type Session = SavingSession | ResumingSession;
 
 export class FakeDevice {
-  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags'>> & { flags: bigint | undefined; fsmFlags: number | undefined };
+  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags' | 'validatesData'>> & { validatesData: boolean } & { flags: bigint | undefined; fsmFlags: number | undefined };
   state: MigState = MigState.Running;
   payload: Buffer;
   /** Identity of the state content; travels with the stream like the edu driver's seed. */
@@ -121,6 +123,7 @@ export class FakeDevice {
       arcLatencyMs: spec.arcLatencyMs ?? 0,
       cdev: spec.cdev ?? false,
       fsmFlags: spec.fsmFlags,
+      validatesData: spec.validatesData ?? true,
     };
     this.seed = this.spec.seed;
     this.payload = derivePayload(this.seed, this.spec.stateSize);
@@ -728,6 +731,12 @@ export class FakeKernel implements Syscalls {
 
   #commitResume(d: FakeDevice, s: ResumingSession): boolean {
     const all = Buffer.concat(s.chunks);
+    if (!d.spec.validatesData) {
+      // Takes the declared length at face value and never looks at the checksum.
+      const len = all.length >= HEADER ? all.readUInt32LE(12) : 0;
+      d.payload = Buffer.from(all.subarray(Math.min(HEADER, all.length), Math.min(all.length, HEADER + len)));
+      return true;
+    }
     if (all.length < HEADER + TRAILER || !all.subarray(0, 8).equals(MAGIC)) return false;
     const body = all.subarray(0, all.length - TRAILER);
     if (!trailerFor(body).equals(all.subarray(all.length - TRAILER))) return false;
