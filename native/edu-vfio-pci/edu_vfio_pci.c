@@ -1535,59 +1535,76 @@ static const struct vfio_device_ops edu_vfio_ops = {
 /* ------------------------------------------------------------------------ */
 /* sysfs                                                                     */
 
-static ssize_t flags_show(struct device *dev, struct device_attribute *attr,
-			  char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
+/*
+ * Numeric knobs: parsed, range-checked, then written under the state mutex. idle_only
+ * knobs shape the migration stream or the flags the core reads at every ioctl, so they
+ * are refused (EBUSY) while the device fd is open. READ_ONCE/WRITE_ONCE because the VFIO
+ * core reads migration_flags without our mutex.
+ */
+#define EDU_ATTR_NUM(name, field, type, fmt, min, max, idle_only)		\
+static ssize_t name##_show(struct device *dev, struct device_attribute *attr,	\
+			   char *buf)						\
+{										\
+	struct edu_dev *e = edu_from_dev(dev);					\
+	type v;									\
+										\
+	mutex_lock(&e->state_mutex);						\
+	v = READ_ONCE(e->field);						\
+	edu_state_unlock(e);							\
+	return sysfs_emit(buf, fmt "\n", v);					\
+}										\
+static ssize_t name##_store(struct device *dev, struct device_attribute *attr,	\
+			    const char *buf, size_t count)			\
+{										\
+	struct edu_dev *e = edu_from_dev(dev);					\
+	unsigned long long v;							\
+	int ret = kstrtoull(buf, 0, &v);					\
+										\
+	if (ret)								\
+		return ret;							\
+	if (v < (min) || v > (max))						\
+		return -EINVAL;							\
+	mutex_lock(&e->state_mutex);						\
+	if ((idle_only) && e->opened)						\
+		ret = -EBUSY;							\
+	else									\
+		WRITE_ONCE(e->field, (type)v);					\
+	edu_state_unlock(e);							\
+	return ret ? ret : count;						\
+}										\
+static DEVICE_ATTR_RW(name)
 
-	return sysfs_emit(buf, "%u\n", READ_ONCE(e->core.vdev.migration_flags));
-}
+/* Two-word knobs backed by a bool: `off_word` stores false, `on_word` true. */
+#define EDU_ATTR_CHOICE(name, field, off_word, on_word)				\
+static ssize_t name##_show(struct device *dev, struct device_attribute *attr,	\
+			   char *buf)						\
+{										\
+	struct edu_dev *e = edu_from_dev(dev);					\
+										\
+	return sysfs_emit(buf, "%s\n", READ_ONCE(e->field) ? on_word : off_word);	\
+}										\
+static ssize_t name##_store(struct device *dev, struct device_attribute *attr,	\
+			    const char *buf, size_t count)			\
+{										\
+	struct edu_dev *e = edu_from_dev(dev);					\
+	bool v;									\
+										\
+	if (sysfs_streq(buf, off_word))						\
+		v = false;							\
+	else if (sysfs_streq(buf, on_word))					\
+		v = true;							\
+	else									\
+		return -EINVAL;							\
+	mutex_lock(&e->state_mutex);						\
+	e->field = v;								\
+	edu_state_unlock(e);							\
+	return count;								\
+}										\
+static DEVICE_ATTR_RW(name)
 
-static ssize_t flags_store(struct device *dev, struct device_attribute *attr,
-			   const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	unsigned int v;
-	int ret = kstrtouint(buf, 0, &v);
+EDU_ATTR_NUM(flags, core.vdev.migration_flags, u32, "%u", 0, U32_MAX, true);
+EDU_ATTR_NUM(arc_delay_us, arc_delay_us, u32, "%u", 0, EDU_MAX_ARC_DELAY_US, false);
 
-	if (ret)
-		return ret;
-	mutex_lock(&e->state_mutex);
-	if (e->opened)
-		ret = -EBUSY;
-	else
-		WRITE_ONCE(e->core.vdev.migration_flags, v);
-	edu_state_unlock(e);
-	return ret ? ret : count;
-}
-static DEVICE_ATTR_RW(flags);
-
-static ssize_t arc_delay_us_show(struct device *dev,
-				 struct device_attribute *attr, char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-
-	return sysfs_emit(buf, "%u\n", READ_ONCE(e->arc_delay_us));
-}
-
-static ssize_t arc_delay_us_store(struct device *dev,
-				  struct device_attribute *attr,
-				  const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	unsigned int v;
-	int ret = kstrtouint(buf, 0, &v);
-
-	if (ret)
-		return ret;
-	if (v > EDU_MAX_ARC_DELAY_US)
-		return -EINVAL;
-	mutex_lock(&e->state_mutex);
-	e->arc_delay_us = v;
-	edu_state_unlock(e);
-	return count;
-}
-static DEVICE_ATTR_RW(arc_delay_us);
 
 static int edu_parse_state(const char *s, int *out)
 {
@@ -1656,86 +1673,9 @@ static ssize_t fail_arc_store(struct device *dev, struct device_attribute *attr,
 }
 static DEVICE_ATTR_RW(fail_arc);
 
-static ssize_t fail_errno_show(struct device *dev, struct device_attribute *attr,
-			       char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-
-	return sysfs_emit(buf, "%d\n", READ_ONCE(e->fail_errno));
-}
-
-static ssize_t fail_errno_store(struct device *dev,
-				struct device_attribute *attr,
-				const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	int v, ret = kstrtoint(buf, 0, &v);
-
-	if (ret)
-		return ret;
-	if (v < 1 || v > MAX_ERRNO)
-		return -EINVAL;
-	mutex_lock(&e->state_mutex);
-	e->fail_errno = v;
-	edu_state_unlock(e);
-	return count;
-}
-static DEVICE_ATTR_RW(fail_errno);
-
-static ssize_t fail_mode_show(struct device *dev, struct device_attribute *attr,
-			      char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-
-	return sysfs_emit(buf, "%s\n", READ_ONCE(e->fail_always) ? "always" : "once");
-}
-
-static ssize_t fail_mode_store(struct device *dev, struct device_attribute *attr,
-			       const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	bool always;
-
-	if (sysfs_streq(buf, "once"))
-		always = false;
-	else if (sysfs_streq(buf, "always"))
-		always = true;
-	else
-		return -EINVAL;
-	mutex_lock(&e->state_mutex);
-	e->fail_always = always;
-	edu_state_unlock(e);
-	return count;
-}
-static DEVICE_ATTR_RW(fail_mode);
-
-static ssize_t fail_outcome_show(struct device *dev,
-				 struct device_attribute *attr, char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-
-	return sysfs_emit(buf, "%s\n", READ_ONCE(e->fail_to_error) ? "error" : "stay");
-}
-
-static ssize_t fail_outcome_store(struct device *dev,
-				  struct device_attribute *attr,
-				  const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	bool to_error;
-
-	if (sysfs_streq(buf, "stay"))
-		to_error = false;
-	else if (sysfs_streq(buf, "error"))
-		to_error = true;
-	else
-		return -EINVAL;
-	mutex_lock(&e->state_mutex);
-	e->fail_to_error = to_error;
-	edu_state_unlock(e);
-	return count;
-}
-static DEVICE_ATTR_RW(fail_outcome);
+EDU_ATTR_NUM(fail_errno, fail_errno, int, "%d", 1, MAX_ERRNO, false);
+EDU_ATTR_CHOICE(fail_mode, fail_always, "once", "always");
+EDU_ATTR_CHOICE(fail_outcome, fail_to_error, "stay", "error");
 
 static ssize_t fail_count_show(struct device *dev, struct device_attribute *attr,
 			       char *buf)
@@ -1750,69 +1690,8 @@ static ssize_t fail_count_show(struct device *dev, struct device_attribute *attr
 }
 static DEVICE_ATTR_RO(fail_count);
 
-static ssize_t blob_size_show(struct device *dev, struct device_attribute *attr,
-			      char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	u64 v;
-
-	mutex_lock(&e->state_mutex);
-	v = e->blob_size;
-	edu_state_unlock(e);
-	return sysfs_emit(buf, "%llu\n", v);
-}
-
-static ssize_t blob_size_store(struct device *dev, struct device_attribute *attr,
-			       const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	unsigned long long v;
-	int ret = kstrtoull(buf, 0, &v);
-
-	if (ret)
-		return ret;
-	if (v > EDU_MAX_BLOB)
-		return -EINVAL;
-	mutex_lock(&e->state_mutex);
-	if (e->opened)
-		ret = -EBUSY;
-	else
-		e->blob_size = v;
-	edu_state_unlock(e);
-	return ret ? ret : count;
-}
-static DEVICE_ATTR_RW(blob_size);
-
-static ssize_t seed_show(struct device *dev, struct device_attribute *attr,
-			 char *buf)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	u64 v;
-
-	mutex_lock(&e->state_mutex);
-	v = e->seed;
-	edu_state_unlock(e);
-	return sysfs_emit(buf, "0x%016llx\n", v);
-}
-
-static ssize_t seed_store(struct device *dev, struct device_attribute *attr,
-			  const char *buf, size_t count)
-{
-	struct edu_dev *e = edu_from_dev(dev);
-	unsigned long long v;
-	int ret = kstrtoull(buf, 0, &v);
-
-	if (ret)
-		return ret;
-	mutex_lock(&e->state_mutex);
-	if (e->opened)
-		ret = -EBUSY;
-	else
-		e->seed = v;
-	edu_state_unlock(e);
-	return ret ? ret : count;
-}
-static DEVICE_ATTR_RW(seed);
+EDU_ATTR_NUM(blob_size, blob_size, u64, "%llu", 0, EDU_MAX_BLOB, true);
+EDU_ATTR_NUM(seed, seed, u64, "0x%016llx", 0, U64_MAX, true);
 
 /* FNV-1a 64 over: le64 seed, le64 blob_size, le32 live, le32 fact, le32 status, le32 0 */
 static u64 edu_digest(u64 seed, u64 blob_size, const struct edu_regs *r)
