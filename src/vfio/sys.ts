@@ -86,17 +86,34 @@ interface LibcFunctions {
   errno: () => number;
 }
 
+interface KoffiModule {
+  load(name: string): KoffiLib;
+  struct(name: string, members: Record<string, string>): unknown;
+  errno(): number;
+}
+
+interface KoffiLib {
+  func(proto: string): KoffiFunction;
+  func(name: string, ret: string, args: string[]): KoffiFunction;
+}
+
+let koffiLibc: { koffi: KoffiModule; lib: KoffiLib } | undefined;
+
+/** koffi and libc.so.6, loaded once, on first use. */
+function koffiAndLibc(): { koffi: KoffiModule; lib: KoffiLib } {
+  if (!koffiLibc) {
+    // koffi is CommonJS with a prebuilt native addon; require keeps the import lazy.
+    const koffi = createRequire(import.meta.url)('koffi') as KoffiModule;
+    koffiLibc = { koffi, lib: koffi.load('libc.so.6') };
+  }
+  return koffiLibc;
+}
+
 let libc: LibcFunctions | undefined;
 
 function loadLibc(): LibcFunctions {
   if (libc) return libc;
-  const require = createRequire(import.meta.url);
-  // koffi is CommonJS with a prebuilt native addon; require keeps the import lazy.
-  const koffi = require('koffi') as {
-    load(name: string): { func(proto: string): KoffiFunction; func(name: string, ret: string, args: string[]): KoffiFunction };
-    errno(): number;
-  };
-  const lib = koffi.load('libc.so.6');
+  const { koffi, lib } = koffiAndLibc();
   libc = {
     open: lib.func('int open(const char *path, int flags, int mode)'),
     close: lib.func('int close(int fd)'),
@@ -220,12 +237,7 @@ let sendmsgLibc: SendmsgLibc | undefined;
 
 function loadSendmsg(): SendmsgLibc {
   if (sendmsgLibc) return sendmsgLibc;
-  const require = createRequire(import.meta.url);
-  const koffi = require('koffi') as {
-    load(name: string): { func(proto: string): (...args: unknown[]) => number };
-    struct(name: string, members: Record<string, string>): unknown;
-    errno(): number;
-  };
+  const { koffi, lib } = koffiAndLibc();
   // Named with a prefix: koffi type names are process-global.
   koffi.struct('vfio_mig_iovec', { iov_base: 'void *', iov_len: 'size_t' });
   koffi.struct('vfio_mig_msghdr', {
@@ -237,7 +249,6 @@ function loadSendmsg(): SendmsgLibc {
     msg_controllen: 'size_t',
     msg_flags: 'int',
   });
-  const lib = koffi.load('libc.so.6');
   sendmsgLibc = { sendmsg: lib.func('long sendmsg(int fd, const vfio_mig_msghdr *msg, int flags)'), errno: () => koffi.errno() };
   return sendmsgLibc;
 }
