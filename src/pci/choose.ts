@@ -6,8 +6,6 @@
 //      very problem this tool exists to fix.
 
 import { pciDriverForModule, moduleForPciDriver, canonicalModule, isVfioDriver, DMA_SAFE_DRIVERS } from './drivernames.ts';
-
-export { isVfioDriver, DMA_SAFE_DRIVERS };
 import type { AliasIndex } from './modalias.ts';
 import type { PciDeviceInfo } from './pcidev.ts';
 import { findRule, describeRule, type DriverTable, type RuleTarget } from './table.ts';

@@ -16,7 +16,6 @@ import * as sysfs from '../pci/sysfs.ts';
 import type { DeviceId } from '../pci/sysfs.ts';
 import { isVfioDriver, DMA_SAFE_DRIVERS } from '../pci/drivernames.ts';
 
-export { isVfioDriver };
 
 export type OpenPath = 'auto' | 'group' | 'cdev';
 

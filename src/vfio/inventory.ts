@@ -3,7 +3,8 @@
 // opened right now, or the reason it cannot (in use by a VM, not migratable, ...).
 
 import * as sysfs from '../pci/sysfs.ts';
-import { VfioDevice, isVfioDriver } from './device.ts';
+import { VfioDevice } from './device.ts';
+import { isVfioDriver } from '../pci/drivernames.ts';
 import { VfioError } from './errors.ts';
 import { describeFlags } from './fsm.ts';
 import { stateName } from './uapi.ts';

@@ -7,7 +7,8 @@ import { parseDriverTable, loadDriverTable, configSchema, findRule, DEFAULT_TABL
 import { ConfigError } from '../../src/pci/errors.ts';
 import { validate, checkSchema } from '../../src/pci/schema.ts';
 import { parseLocatedJson } from '../../src/pci/jsonloc.ts';
-import { chooseDriver, chooseForFutureVfs, isVfioDriver } from '../../src/pci/choose.ts';
+import { chooseDriver, chooseForFutureVfs } from '../../src/pci/choose.ts';
+import { isVfioDriver } from '../../src/pci/drivernames.ts';
 import { AliasIndex } from '../../src/pci/modalias.ts';
 import { readPciDevice } from '../../src/pci/pcidev.ts';
 import { installFakeSysfs } from '../fake/sysfs.ts';
