@@ -4,7 +4,7 @@
 // overhead above the ideal, which is the slowest device's own arc time.
 
 import { FakeKernel } from '../test/fake/fake-kernel.ts';
-import { setSyscalls, libcSyscalls } from '../src/vfio/sys.ts';
+import { setSyscalls, libcSyscalls } from '../src/host/sys.ts';
 import { VfioDevice } from '../src/vfio/device.ts';
 import { Coordinator } from '../src/migration/coordinator.ts';
 import { MigState } from '../src/vfio/uapi.ts';

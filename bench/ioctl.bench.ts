@@ -8,7 +8,7 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { sys, OpenFlag, SysError } from '../src/vfio/sys.ts';
+import { sys, OpenFlag, SysError } from '../src/host/sys.ts';
 import { fromSys } from '../src/vfio/errors.ts';
 import { encodeFeature, Feature, FeatureFlag, Ioctl, Layout } from '../src/vfio/uapi.ts';
 

@@ -12,7 +12,7 @@
 // Every action goes through the kernel seam (kernel.ts); state is re-read from sysfs.
 
 import { setTimeout as sleep } from 'node:timers/promises';
-import * as sysfs from './sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 import { pciKernel } from './kernel.ts';
 import { PciError, errCode } from './errors.ts';
 import { readPciDevice, parseOverride, type PciDeviceInfo } from './pcidev.ts';

@@ -9,7 +9,7 @@ import { pciDriverForModule, moduleForPciDriver, canonicalModule, isVfioDriver, 
 import type { AliasIndex } from './modalias.ts';
 import type { PciDeviceInfo } from './pcidev.ts';
 import { findRule, describeRule, type DriverTable, type RuleTarget } from './table.ts';
-import * as sysfs from './sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 
 export type Reason = 'rule' | 'alias' | 'none' | 'excluded';
 

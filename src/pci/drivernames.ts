@@ -3,7 +3,7 @@
 // driver's own name, which may differ (xe-vfio-pci). Writing the module name to
 // driver_override would match nothing and leave the device unbound.
 
-import * as sysfs from './sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 
 /**
  * Drivers whose name is not their module's name. Only used while the module is not
@@ -41,11 +41,8 @@ export function moduleForPciDriver(driver: string): string {
   return known ?? canonicalModule(name);
 }
 
-/**
- * Drivers a VFIO group tolerates besides VFIO drivers: bridges (pcieport) and devices
- * parked by the operator (pci-stub).
- */
-export const DMA_SAFE_DRIVERS: ReadonlySet<string> = new Set(['pcieport', 'pci-stub']);
+/** Drivers a VFIO group tolerates besides VFIO drivers (the kernel's allow-list). */
+export const DMA_SAFE_DRIVERS = sysfs.VFIO_GROUP_SAFE_DRIVERS;
 
 /** vfio-pci and its variants (mlx5_vfio_pci, xe-vfio-pci, ...), by name. */
 export function isVfioDriver(driver: string): boolean {

@@ -2,13 +2,13 @@
 // loaded and VFIO groups are probed for users. Reads go straight to sysfs (through
 // sysfs.ts); every action goes through here, so unit tests install a fake that behaves
 // like the PCI core (test/fake/sysfs.ts) with setPciKernel() - the same split as
-// src/vfio/sys.ts's setSyscalls(). A real sysfs file cannot react to a write, a fake
+// src/host/sys.ts's setSyscalls(). A real sysfs file cannot react to a write, a fake
 // kernel can.
 
 import { execFile } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync, writeSync } from 'node:fs';
 import { PciError, errCode } from './errors.ts';
-import { parseModuleName, vfioGroupPath } from './sysfs.ts';
+import { parseModuleName, vfioGroupPath } from '../host/sysfs.ts';
 
 export interface PciKernel {
   /**

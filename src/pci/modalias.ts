@@ -12,7 +12,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { release } from 'node:os';
 import { join } from 'node:path';
-import { isModuleName } from './sysfs.ts';
+import { isModuleName } from '../host/sysfs.ts';
 import { MODALIAS } from './pcidev.ts';
 import { PciError, errCode } from './errors.ts';
 

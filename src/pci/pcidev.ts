@@ -3,7 +3,7 @@
 // formats. sysfs is an external input too: a value that does not look like what the
 // kernel prints is an error, not something to guess around.
 
-import * as sysfs from './sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 import { PciError } from './errors.ts';
 
 export interface SriovInfo {

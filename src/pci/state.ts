@@ -7,7 +7,7 @@
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { errCode, PciError } from './errors.ts';
-import { isBdf, isDriverName, isModuleName } from './sysfs.ts';
+import { isBdf, isDriverName, isModuleName } from '../host/sysfs.ts';
 
 export interface DeviceRecord {
   /** The driver we bound (or are binding) it to. */

@@ -2,7 +2,7 @@
 // what `vfio-mig drivers` prints. Read-only; a device whose sysfs entry cannot be read
 // is listed with the reason instead of hiding the others.
 
-import * as sysfs from './sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 import { readPciDevice } from './pcidev.ts';
 import { chooseDriver, type Reason } from './choose.ts';
 import { loadDriverTable, type DriverTable } from './table.ts';

@@ -11,7 +11,7 @@
 // negotiation is done; events are not sent before that. We never enable OOB.
 
 import net from 'node:net';
-import { sendFd } from '../vfio/sys.ts';
+import { sendFd } from '../host/sys.ts';
 import { QmpClosedError, QmpProtocolError, QmpTimeoutError, qmpErrorFrom } from './errors.ts';
 import { parseVersion, type ExecuteOptions, type QemuVersion, type QmpFdExecutor } from './commands.ts';
 import { parseEventEnvelope, type QmpEvent } from './events.ts';

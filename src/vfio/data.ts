@@ -4,9 +4,9 @@
 // the event loop through the syscall seam's async read/write, so one slow device never
 // stalls the others or QMP traffic.
 
-import { sys, SysError } from './sys.ts';
+import { sys, SysError } from '../host/sys.ts';
 import { VfioError } from './errors.ts';
-import { Errno } from './errno.ts';
+import { Errno } from '../host/errno.ts';
 
 export type SessionKind = 'saving' | 'resuming';
 

@@ -5,16 +5,15 @@
 // migration mutex and a concurrent RESET is applied "deferred" mid-transition.
 
 import { existsSync } from 'node:fs';
-import { sys, OpenFlag, SysError, type IoctlArg } from './sys.ts';
+import { sys, OpenFlag, SysError, type IoctlArg } from '../host/sys.ts';
 import { VfioError, fromSys } from './errors.ts';
-import { Errno } from './errno.ts';
+import { Errno } from '../host/errno.ts';
 import * as U from './uapi.ts';
 import { MigState, stateName } from './uapi.ts';
 import { plan, checkMigrationFlags, describeFlags, arcOpensSession, type Arc } from './fsm.ts';
 import { DataFd } from './data.ts';
-import * as sysfs from '../pci/sysfs.ts';
-import type { DeviceId } from '../pci/sysfs.ts';
-import { isVfioDriver, DMA_SAFE_DRIVERS } from '../pci/drivernames.ts';
+import * as sysfs from '../host/sysfs.ts';
+import type { DeviceId } from '../host/sysfs.ts';
 
 
 export type OpenPath = 'auto' | 'group' | 'cdev';
@@ -499,7 +498,7 @@ export interface GroupMember {
 export function groupMembers(group: number): GroupMember[] {
   return sysfs.groupMembers(group).map((m) => {
     const driver = sysfs.driverOf(m);
-    const vfioCompatible = driver === undefined || DMA_SAFE_DRIVERS.has(driver) || isVfioDriver(driver) || sysfs.vfioCdevName(m) !== undefined;
+    const vfioCompatible = driver === undefined || sysfs.VFIO_GROUP_SAFE_DRIVERS.has(driver) || sysfs.isVfioBound(m);
     return { name: sysfs.deviceIdString(m), driver, vfioCompatible };
   });
 }

@@ -1,8 +1,8 @@
 // Typed errors of the VFIO layer: every failure names the operation, the device and the
 // errno, and carries one sentence an operator can act on.
 
-import { errnoName } from './errno.ts';
-import { SysError } from './sys.ts';
+import { errnoName } from '../host/errno.ts';
+import { SysError } from '../host/sys.ts';
 
 export interface VfioErrorDetails {
   /** What we were doing, e.g. "SET MIG_DEVICE_STATE RUNNING->STOP_COPY". */

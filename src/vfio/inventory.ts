@@ -2,9 +2,8 @@
 // (variant) driver and every mdev, with its migration capability when the device can be
 // opened right now, or the reason it cannot (in use by a VM, not migratable, ...).
 
-import * as sysfs from '../pci/sysfs.ts';
+import * as sysfs from '../host/sysfs.ts';
 import { VfioDevice } from './device.ts';
-import { isVfioDriver } from '../pci/drivernames.ts';
 import { VfioError } from './errors.ts';
 import { describeFlags } from './fsm.ts';
 import { stateName } from './uapi.ts';
@@ -44,7 +43,7 @@ export async function probeMigration(name: string): Promise<InventoryEntry['migr
 export async function inventory(opts: { probe?: boolean } = {}): Promise<InventoryEntry[]> {
   const out: InventoryEntry[] = [];
   const ids: sysfs.DeviceId[] = [
-    ...sysfs.listPciDevices().map((bdf) => ({ kind: 'pci', bdf }) as const).filter((id) => isVfioDriver(sysfs.driverOf(id) ?? '')),
+    ...sysfs.listPciDevices().map((bdf) => ({ kind: 'pci', bdf }) as const).filter((id) => sysfs.isVfioBound(id)),
     ...sysfs.listMdevs().map((uuid) => ({ kind: 'mdev', uuid }) as const),
   ];
   for (const id of ids) {

@@ -12,8 +12,8 @@ import { mkdtempSync, mkdirSync, writeFileSync, symlinkSync, rmSync, existsSync,
 import { tmpdir } from 'node:os';
 import { join, basename } from 'node:path';
 import { createHash } from 'node:crypto';
-import { type Syscalls, type IoctlArg, SysError } from '../../src/vfio/sys.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { type Syscalls, type IoctlArg, SysError } from '../../src/host/sys.ts';
+import { Errno } from '../../src/host/errno.ts';
 import * as U from '../../src/vfio/uapi.ts';
 import { MigState, parseMigState } from '../../src/vfio/uapi.ts';
 import { nextHop, arcOpensSession, arcClosesSession, type Arc } from '../../src/vfio/fsm.ts';

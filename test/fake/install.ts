@@ -2,7 +2,7 @@
 // its own process) and points the sysfs/dev roots at its temp tree.
 import type { TestFn } from 'ava';
 import { FakeKernel, type FakeKernelOptions } from './fake-kernel.ts';
-import { setSyscalls } from '../../src/vfio/sys.ts';
+import { setSyscalls } from '../../src/host/sys.ts';
 
 export function installFake(test: TestFn, opts: FakeKernelOptions = {}): FakeKernel {
   const fake = new FakeKernel(opts);

@@ -10,7 +10,7 @@ import { VfioDevice } from '../../src/vfio/device.ts';
 import { Coordinator, CoordinatorError } from '../../src/migration/coordinator.ts';
 import { readToEnd, readAvailable, writeAll } from '../../src/vfio/data.ts';
 import { MigState, stateName } from '../../src/vfio/uapi.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { Errno } from '../../src/host/errno.ts';
 import type { FakeKernel } from '../fake/fake-kernel.ts';
 
 const MAX = 64;

@@ -6,7 +6,7 @@ import { VfioDevice } from '../../src/vfio/device.ts';
 import { Coordinator, CoordinatorError } from '../../src/migration/coordinator.ts';
 import { readToEnd, writeAll } from '../../src/vfio/data.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { Errno } from '../../src/host/errno.ts';
 
 const fake = installFake(test);
 const P = ['0000:50:00.0', '0000:50:00.1', '0000:50:00.2', '0000:50:00.3'];

@@ -6,7 +6,7 @@ import { VfioDevice, describeNonViableGroup } from '../../src/vfio/device.ts';
 import { VfioError } from '../../src/vfio/errors.ts';
 import { readToEnd, readAvailable, writeAll } from '../../src/vfio/data.ts';
 import { MigState, Feature, FeatureFlag } from '../../src/vfio/uapi.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { Errno } from '../../src/host/errno.ts';
 
 const fake = installFake(test, { cdev: false });
 const A = '0000:00:03.0';
@@ -236,7 +236,7 @@ test.serial('dataSize follows what remains to be read', async (t) => {
   const total = await d.dataSize();
   const r = await d.setState(MigState.StopCopy);
   const buf = Buffer.alloc(100);
-  const { sys } = await import('../../src/vfio/sys.ts');
+  const { sys } = await import('../../src/host/sys.ts');
   await sys().read(r.dataFd!.fd, buf, 100);
   t.is(await d.dataSize(), total - 100n);
   r.dataFd!.close();

@@ -9,7 +9,7 @@ import { bigAliasFile } from '../fake/sysfs-aliases.ts';
 import { setPciKernel } from '../../src/pci/kernel.ts';
 import { bind, unbind, type BindReport, type BindResult } from '../../src/pci/binder.ts';
 import { ConfigError, PciError } from '../../src/pci/errors.ts';
-import { InvalidDeviceIdError } from '../../src/pci/sysfs.ts';
+import { InvalidDeviceIdError } from '../../src/host/sysfs.ts';
 import { readState } from '../../src/pci/state.ts';
 
 const EDU_A = '0000:01:00.0';

@@ -4,7 +4,7 @@
 import test from 'ava';
 import { writeFileSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import * as sysfs from '../../src/pci/sysfs.ts';
+import * as sysfs from '../../src/host/sysfs.ts';
 import { readPciDevice, parseOverride } from '../../src/pci/pcidev.ts';
 import { PciError } from '../../src/pci/errors.ts';
 import { installFakeSysfs } from '../fake/sysfs.ts';

@@ -3,7 +3,7 @@
 import test from 'ava';
 import { installFake } from '../fake/install.ts';
 import { runCli } from '../cli-harness.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { Errno } from '../../src/host/errno.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
 
 const fake = installFake(test);

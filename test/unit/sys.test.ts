@@ -3,9 +3,9 @@ import test from 'ava';
 import { openSync, closeSync, mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { libcSyscalls as sys, ioctlVariadic, SysError, OpenFlag, PollEvent } from '../../src/vfio/sys.ts';
+import { libcSyscalls as sys, ioctlVariadic, SysError, OpenFlag, PollEvent } from '../../src/host/sys.ts';
 import { encodeFeature, Feature, FeatureFlag, Ioctl } from '../../src/vfio/uapi.ts';
-import { errnoName, errnoValue } from '../../src/vfio/errno.ts';
+import { errnoName, errnoValue } from '../../src/host/errno.ts';
 
 test('open/close, and errno names for failures', (t) => {
   const fd = sys.open('/dev/null', OpenFlag.O_RDWR);

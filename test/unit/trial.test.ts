@@ -4,7 +4,7 @@ import test from 'ava';
 import { installFake } from '../fake/install.ts';
 import { trialMigrate } from '../../src/migration/trial.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
-import { Errno } from '../../src/vfio/errno.ts';
+import { Errno } from '../../src/host/errno.ts';
 
 const fake = installFake(test);
 const [S, D, P2P, BIG] = ['0000:01:00.0', '0000:01:00.1', '0000:01:00.2', '0000:01:00.3'];

@@ -129,6 +129,31 @@ export function driverOf(id: DeviceId): string | undefined {
   return readLinkBase(join(deviceDir(id), 'driver'));
 }
 
+/**
+ * Drivers the kernel lets share a VFIO group with VFIO-bound devices (vfio_main.c's
+ * allow-list: bridges under pcieport, devices parked on pci-stub).
+ */
+export const VFIO_GROUP_SAFE_DRIVERS: ReadonlySet<string> = new Set(['pcieport', 'pci-stub']);
+
+/**
+ * Whether a device is bound to a VFIO driver, from what the kernel shows: an mdev is
+ * always VFIO; a PCI function has a vfio-dev cdev (CONFIG_VFIO_DEVICE_CDEV), or its
+ * driver's module is vfio_pci or holds vfio_pci_core (every variant driver links
+ * against it). Only a driver built into the kernel, which has no module link, is
+ * judged by its name (as is any driver while vfio_pci_core shows no holders).
+ */
+export function isVfioBound(id: DeviceId): boolean {
+  if (id.kind === 'mdev') return true;
+  const driver = driverOf(id);
+  if (driver === undefined) return false;
+  if (vfioCdevName(id) !== undefined) return true;
+  const module = isDriverName(driver) ? pciDriverModule(driver) : undefined;
+  if (module === 'vfio_pci') return true;
+  const holders = join(sysfsRoot(), 'module', 'vfio_pci_core', 'holders');
+  if (module !== undefined && existsSync(holders)) return existsSync(join(holders, module));
+  return /vfio/i.test(driver);
+}
+
 /** The mdev type name (e.g. "mtty-2") from the mdev's `mdev_type` link. */
 export function mdevTypeOf(id: DeviceId): string | undefined {
   return readLinkBase(join(deviceDir(id), 'mdev_type'));
