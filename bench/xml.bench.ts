@@ -1,7 +1,7 @@
 // Cost of the domain XML model (validate, parse with preserveOrder, convert to our node
 // model, read the hostdevs, serialize) against fast-xml-parser's own parse + build of the
 // same documents with the same options - the library alone, measured in the same run.
-// Documents: every file of shared/fixtures/libvirt-xml (libvirt's qemuxmlconfdata).
+// Documents: every file of test/fixtures/libvirt-xml (libvirt's qemuxmlconfdata).
 
 import { readFileSync, readdirSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url';
 import { DomainXml } from '../src/libvirt/domain-xml.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const FIXTURES = process.env.VFIO_MIG_XML_FIXTURES ?? join(here, '..', '..', 'shared', 'fixtures', 'libvirt-xml');
+const FIXTURES = process.env.VFIO_MIG_XML_FIXTURES ?? join(here, '..', 'test', 'fixtures', 'libvirt-xml');
 const ROUNDS = Number(process.env.BENCH_XML_ROUNDS ?? 30);
 
 interface Fxp {

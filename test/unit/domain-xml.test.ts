@@ -1,4 +1,4 @@
-// Domain XML model on every fixture of shared/fixtures/libvirt-xml (libvirt's own
+// Domain XML model on every fixture of test/fixtures/libvirt-xml (libvirt's own
 // qemuxmlconfdata files): untouched round trips, hostdev reading, address edits that touch
 // one attribute only, qemu:override insertion, and malformed input.
 //
@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { DomainXml, DomainXmlError, QEMU_NS, formatBdf, unescapeXml } from '../../src/libvirt/domain-xml.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const FIXTURES = process.env.VFIO_MIG_XML_FIXTURES ?? join(here, '..', '..', '..', 'shared', 'fixtures', 'libvirt-xml');
+const FIXTURES = process.env.VFIO_MIG_XML_FIXTURES ?? join(here, '..', 'fixtures', 'libvirt-xml');
 
 interface IndexRow {
   file: string;
