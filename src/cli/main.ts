@@ -5,7 +5,7 @@ import { UsageError } from './args.ts';
 
 interface Subcommand {
   usage: string;
-  run(argv: string[], out: NodeJS.WritableStream): Promise<number>;
+  run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number>;
 }
 
 const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
@@ -14,6 +14,8 @@ const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   drivers: () => import('./drivers.ts'),
   bind: () => import('./bind.ts'),
   unbind: () => import('./unbind.ts'),
+  qmp: () => import('./qmp.ts'),
+  events: () => import('./events.ts'),
 };
 
 // One line per command; kept here (not taken from the lazily loaded modules) so that
@@ -26,10 +28,21 @@ const HELP_LINES = [
   '                                       bind devices to their VFIO (variant) driver, whole IOMMU groups',
   'vfio-mig unbind [--device BDF...] [--dry-run] [--json]',
   '                                       give devices back the drivers they had before `bind`',
+  'vfio-mig qmp --socket PATH [--timeout S] COMMAND [ARGS-JSON]',
+  '                                       run one QMP command on a QEMU monitor socket, print its return as JSON',
+  'vfio-mig events --socket PATH [--json] [--until EVENT] [--timeout S]',
+  '                                       print QMP events as they arrive; stop at EVENT or after S seconds',
+];
+
+// Shared by every command; `qmp` and `events` use 1, 3 and 4 as their --help says.
+const EXIT_LINES = [
+  'exit codes: 0 success; 1 failed (qmp: QEMU refused the command, "<class>: <desc>" on stderr);',
+  '            2 usage error; 3 qmp/events: transport (no socket, refused, closed, not QMP);',
+  '            4 qmp/events: time limit reached (no greeting or reply; --until EVENT not seen)',
 ];
 
 function help(): string {
-  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), ''].join('\n');
+  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), '', ...EXIT_LINES, '', 'vfio-mig qmp --help, vfio-mig events --help: options and details', ''].join('\n');
 }
 
 export async function main(argv: string[], out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {
@@ -45,7 +58,7 @@ export async function main(argv: string[], out: NodeJS.WritableStream = process.
   }
   try {
     const cmd = await load();
-    return await cmd.run(rest, out);
+    return await cmd.run(rest, out, err);
   } catch (e) {
     if (e instanceof UsageError) {
       err.write(`vfio-mig ${name}: ${e.message}\nusage: ${(await load()).usage}\n`);
