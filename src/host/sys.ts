@@ -7,6 +7,7 @@
 
 import { createRequire } from 'node:module';
 import { errnoName } from './errno.ts';
+import { BlockingPool, type BlockingCall, type PoolOptions, type PoolStats } from './blocking-pool.ts';
 
 /** A failed system call: the raw errno, before any VFIO meaning is attached. */
 export class SysError extends Error {
@@ -47,6 +48,16 @@ export const OpenFlag = {
 
 export const PollEvent = { POLLIN: 0x1, POLLOUT: 0x4, POLLERR: 0x8, POLLHUP: 0x10, POLLNVAL: 0x20 } as const;
 
+/**
+ * When a blocking call really ran, in this thread's performance.now() time base: the
+ * moment the call was issued to the kernel (not when it was queued) and when it returned.
+ * Filled in by the backend when the caller passes an object.
+ */
+export interface CallTiming {
+  issuedAt?: number;
+  returnedAt?: number;
+}
+
 /** ioctl's third argument: a buffer (passed as a pointer), an integer by value, or none. */
 export type IoctlArg = Buffer | number | undefined;
 
@@ -56,14 +67,20 @@ export interface Syscalls {
   close(fd: number): void;
   /** Synchronous ioctl (VFIO ioctls complete quickly or are the call we wait on anyway). */
   ioctl(fd: number, request: number, arg?: IoctlArg): number;
-  /** ioctl on a libuv worker thread, for calls that may block (slow device arcs). */
-  ioctlAsync(fd: number, request: number, arg?: Buffer): Promise<number>;
+  /**
+   * ioctl on a thread of its own, for calls that may block (slow device arcs): N calls in
+   * flight block in the kernel at the same time. `timing`, when given, is filled in with
+   * when the call really ran (the real backend does; a fake may not).
+   */
+  ioctlAsync(fd: number, request: number, arg?: Buffer, timing?: CallTiming): Promise<number>;
   /** read(2) off the event loop; resolves with the byte count (0 = EOF). */
   read(fd: number, buf: Buffer, length: number): Promise<number>;
   /** write(2) off the event loop; resolves with the byte count accepted (may be short). */
   write(fd: number, buf: Buffer, length: number): Promise<number>;
   /** poll(2) on one fd; resolves with revents (0 on timeout). */
   poll(fd: number, events: number, timeoutMs: number): Promise<number>;
+  /** Gets `threads` blocking calls' worth of threads ready before a parallel phase (optional). */
+  prewarm?(threads: number): Promise<void>;
 }
 
 // ---------------------------------------------------------------------------------
@@ -71,7 +88,6 @@ export interface Syscalls {
 
 interface KoffiFunction {
   (...args: unknown[]): number;
-  async(...args: unknown[]): void;
 }
 
 interface LibcFunctions {
@@ -80,9 +96,6 @@ interface LibcFunctions {
   ioctlVariadic: KoffiFunction;
   ioctlPtr: KoffiFunction;
   ioctlInt: KoffiFunction;
-  read: KoffiFunction;
-  write: KoffiFunction;
-  poll: KoffiFunction;
   errno: () => number;
 }
 
@@ -119,13 +132,10 @@ function loadLibc(): LibcFunctions {
     close: lib.func('int close(int fd)'),
     // ioctl is variadic in libc; the kernel reads the third argument as an unsigned long.
     ioctlVariadic: lib.func('int ioctl(int fd, unsigned long request, ...)'),
-    // Fixed prototypes of the same symbol: koffi runs only these async, and they skip
-    // the per-call type parsing of variadic calls (about 50x cheaper here).
+    // Fixed prototypes of the same symbol: they skip the per-call type parsing of
+    // variadic calls (about 50x cheaper here).
     ioctlPtr: lib.func('ioctl', 'int', ['int', 'unsigned long', 'void *']),
     ioctlInt: lib.func('ioctl', 'int', ['int', 'unsigned long', 'unsigned long']),
-    read: lib.func('long read(int fd, void *buf, size_t count)'),
-    write: lib.func('long write(int fd, const void *buf, size_t count)'),
-    poll: lib.func('int poll(void *fds, unsigned long nfds, int timeout)'),
     errno: () => koffi.errno(),
   };
   return libc;
@@ -142,16 +152,46 @@ function checkFd(fd: number, what: string): void {
   if (!Number.isInteger(fd) || fd < 0 || fd > 0x7fffffff) throw new SysError(what, 9 /* EBADF */);
 }
 
-/** Runs a koffi async call; errno is read in the callback, where koffi restored it. */
-function callAsync(fn: KoffiFunction, name: string, args: unknown[]): Promise<number> {
-  const c = loadLibc();
-  return new Promise((resolve, reject) => {
-    fn.async(...args, (err: Error | null, res: number) => {
-      if (err) return reject(err);
-      if (res < 0) return reject(sysError(name, c.errno()));
-      resolve(Number(res));
-    });
-  });
+// Blocking calls run on dedicated threads (./blocking-pool.ts), one per call in flight:
+// koffi's own async calls share libuv's 4-thread pool, which capped "devices move in
+// parallel" at four. The cap and the idle time come from the environment:
+//   VFIO_MIG_SYS_THREADS          most calls in flight at once (default 128)
+//   VFIO_MIG_SYS_THREAD_IDLE_MS   an idle thread exits after this long (default 30000)
+
+function envInt(name: string, fallback: number, min: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const v = Number(raw);
+  if (!Number.isInteger(v) || v < min) throw new RangeError(`${name} must be an integer >= ${min}, got '${raw}'`);
+  return v;
+}
+
+let pool: BlockingPool | undefined;
+
+function blockingPool(): BlockingPool {
+  pool ??= new BlockingPool({ maxThreads: envInt('VFIO_MIG_SYS_THREADS', 128, 1), idleMs: envInt('VFIO_MIG_SYS_THREAD_IDLE_MS', 30_000, 0) });
+  return pool;
+}
+
+/** Changes the blocking-call pool's cap or idle time at run time (tests, benchmarks). */
+export function configureSysThreads(options: Partial<PoolOptions>): void {
+  blockingPool().configure(options);
+}
+
+/** How many blocking-call threads exist, start, run a call; how many calls wait. */
+export function sysThreadStats(): PoolStats {
+  return blockingPool().stats();
+}
+
+/** Runs a blocking call on the pool; errno was read in the worker right after the call. */
+async function callBlocking(name: string, call: BlockingCall, timing?: CallTiming): Promise<{ result: number; revents: number }> {
+  const r = await blockingPool().run(call);
+  if (timing) {
+    timing.issuedAt = r.issuedAt;
+    timing.returnedAt = r.returnedAt;
+  }
+  if (r.result < 0) throw sysError(name, r.errno);
+  return r;
 }
 
 /**
@@ -186,26 +226,27 @@ export const libcSyscalls: Syscalls = {
     if (r < 0) throw sysError('ioctl', c.errno());
     return r;
   },
-  async ioctlAsync(fd, request, arg) {
+  async ioctlAsync(fd, request, arg, timing) {
     checkFd(fd, 'ioctl');
-    return callAsync(loadLibc().ioctlPtr, 'ioctl', [fd, request, arg ?? null]);
+    return (await callBlocking('ioctl', { op: 'ioctl', fd, request, arg }, timing)).result;
   },
   async read(fd, buf, length) {
     checkFd(fd, 'read');
     checkBuffer(buf, length, 'read');
-    return callAsync(loadLibc().read, 'read', [fd, buf, length]);
+    return (await callBlocking('read', { op: 'read', fd, buf, length })).result;
   },
   async write(fd, buf, length) {
     checkFd(fd, 'write');
     checkBuffer(buf, length, 'write');
-    return callAsync(loadLibc().write, 'write', [fd, buf, length]);
+    return (await callBlocking('write', { op: 'write', fd, buf, length })).result;
   },
   async poll(fd, events, timeoutMs) {
     checkFd(fd, 'poll');
-    const pfd = Buffer.alloc(8); // struct pollfd { int fd; short events; short revents; }
-    pfd.writeInt32LE(fd, 0);
-    pfd.writeInt16LE(events, 4);
-    return callAsync(loadLibc().poll, 'poll', [pfd, 1, timeoutMs]).then(() => pfd.readInt16LE(6) & 0xffff);
+    if (!Number.isInteger(timeoutMs)) throw new RangeError(`poll: timeout ${timeoutMs} is not an integer`);
+    return (await callBlocking('poll', { op: 'poll', fd, events, timeoutMs })).revents;
+  },
+  prewarm(threads) {
+    return blockingPool().prewarm(threads);
   },
 };
 
@@ -214,6 +255,15 @@ let current: Syscalls = libcSyscalls;
 /** The backend every VFIO call goes through. */
 export function sys(): Syscalls {
   return current;
+}
+
+/**
+ * Starts `threads` blocking-call threads of the current backend and resolves when they
+ * are ready (a no-op on a backend without threads, e.g. the fake kernel). Call it before
+ * a phase that issues N slow calls at once, so that their start-up is not in the phase.
+ */
+export function prewarm(threads: number): Promise<void> {
+  return current.prewarm ? current.prewarm(threads) : Promise.resolve();
 }
 
 /** Swaps the backend (unit tests install the fake kernel); returns the previous one. */
