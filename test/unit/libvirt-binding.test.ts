@@ -113,3 +113,25 @@ t0('events need an events connection; the event loop stops when the last connect
   await Connection.eventLoopStopped();
   t.pass();
 });
+
+// Runs without libvirt0 too: it reads the sources, it does not load them.
+test('the split binding: only ffi.ts loads koffi; importing the API does not load libvirt', async (t) => {
+  const { readdirSync, readFileSync } = await import('node:fs');
+  const { dirname, join } = await import('node:path');
+  const { fileURLToPath } = await import('node:url');
+  const dir = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'src', 'libvirt');
+  const koffiUsers = readdirSync(dir)
+    .filter((f) => f.endsWith('.ts'))
+    .filter((f) => /['"]koffi['"]/.test(readFileSync(join(dir, f), 'utf8')));
+  t.deepEqual(koffiUsers, ['ffi.ts']);
+  // The public API is still reachable from binding.ts.
+  const api = await import('../../src/libvirt/binding.ts');
+  for (const name of ['Connection', 'Domain', 'QemuMonitorEvents', 'LibvirtError', 'ErrorCode', 'DomainState', 'DomainXmlFlag', 'ListDomainsFlag', 'ListNodeDevicesFlag', 'MigrateFlag', 'typedParams']) {
+    t.truthy((api as Record<string, unknown>)[name], name);
+  }
+  // Lazy: a child process that imports the binding and calls nothing has not mapped libvirt.
+  const { execFileSync } = await import('node:child_process');
+  const code = `await import(${JSON.stringify(join(dir, 'binding.ts'))}); process.stdout.write((await import('node:fs')).readFileSync('/proc/self/maps', 'utf8'));`;
+  const maps = execFileSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code], { encoding: 'utf8' });
+  t.notRegex(maps, /libvirt\.so|koffi/);
+});
