@@ -3,14 +3,19 @@
 // goes to STOP or STOP_COPY; on the destination every device reaches RUNNING_P2P before
 // any goes to RUNNING. Devices move in parallel (one arc at a time within a device), so
 // the added downtime is the slowest device's, not the sum - QEMU walks them one by one.
-// Every arc is timed into a timeline, every arc has a timeout, and any failure rolls
-// every device back to RUNNING (resetting devices left in ERROR).
+// Every arc is timed into a timeline (from the moment the ioctl was issued, not queued),
+// every arc has a timeout, and a failed phase rolls every device back to RUNNING by the
+// recovery policy of recover.ts (ERROR and RESUMING are reset). Rollback runs on its own
+// time bound and is not cancelled by the signal that cancelled the migration. An arc
+// that outlives its timeout is "slow", not forgotten: when it finally returns, the
+// device is walked back to RUNNING too (settled() waits for that).
 
 import { MigState, stateName, MigrationFlag, parseMigState } from '../vfio/uapi.ts';
 import { plan, describeFlags, type Arc } from '../vfio/fsm.ts';
 import type { DataFd } from '../vfio/data.ts';
 import type { SetStateResult } from '../vfio/device.ts';
 import { VfioError } from '../vfio/errors.ts';
+import { recoveryStep, DEFAULT_RECOVERY_TIMEOUT_MS } from './recover.ts';
 
 /** What the coordinator needs of a device; VfioDevice implements it. */
 export interface MigrationDevice {
@@ -31,7 +36,10 @@ export interface TimelineEntry {
   from?: string;
   to?: string;
   phase: string;
-  /** ms since the coordinator was created (performance.now based). */
+  /**
+   * ms since the coordinator was created (performance.now based): when the ioctl was
+   * issued to the kernel where the syscall backend reports it, else when it was queued.
+   */
   start: number;
   end: number;
   result: ArcResult;
@@ -43,6 +51,8 @@ export interface CoordinatorOptions {
   signal?: AbortSignal;
   /** Roll every device back to RUNNING when a phase fails (default true). */
   autoRollback?: boolean;
+  /** Bound on one whole rollback (default 30 s); it ignores `signal`. */
+  rollbackTimeoutMs?: number;
 }
 
 export class CoordinatorError extends Error {
@@ -66,8 +76,10 @@ interface Member {
   dev: MigrationDevice;
   flags: number;
   state: MigState;
-  /** The device has an arc in flight that timed out: never touch it again. */
+  /** The device has an arc in flight that timed out: nothing else is sent to it until it returns. */
   hung: boolean;
+  /** Settles when a timed-out arc finally returned and the device was walked back. */
+  late?: Promise<void>;
   dataFd?: DataFd;
 }
 
@@ -78,12 +90,16 @@ export class Coordinator {
   readonly #arcTimeoutMs: number;
   readonly #signal: AbortSignal | undefined;
   readonly #autoRollback: boolean;
+  readonly #rollbackTimeoutMs: number;
+  /** Set once a phase failed: a late arc's device is then walked back when it returns. */
+  #failed = false;
 
   private constructor(members: Member[], opts: CoordinatorOptions) {
     this.#members = members;
     this.#arcTimeoutMs = opts.arcTimeoutMs ?? 10_000;
     this.#signal = opts.signal;
     this.#autoRollback = opts.autoRollback ?? true;
+    this.#rollbackTimeoutMs = opts.rollbackTimeoutMs ?? DEFAULT_RECOVERY_TIMEOUT_MS;
   }
 
   /**
@@ -147,40 +163,96 @@ export class Coordinator {
     return performance.now() - this.#t0;
   }
 
-  async #timed<T>(m: Member, entry: Omit<TimelineEntry, 'start' | 'end' | 'result'>, call: () => Promise<T>): Promise<T> {
-    if (this.#signal?.aborted) throw new Cancelled('cancelled');
-    const start = this.#now();
+  /**
+   * Runs one kernel call with the arc timeout, recording it in the timeline. `signal` is
+   * the migration's cancellation; rollback passes none. A call that times out marks its
+   * device hung; when it returns later the device is handed to #lateReturn.
+   */
+  async #timed<T>(
+    m: Member,
+    entry: Omit<TimelineEntry, 'start' | 'end' | 'result'>,
+    call: () => Promise<T>,
+    opts: { signal?: AbortSignal; issuedAt?: (r: T) => number | undefined; deadline?: number } = {},
+  ): Promise<T> {
+    if (opts.signal?.aborted) throw new Cancelled('cancelled');
+    const queued = this.#now();
+    const limit = Math.max(1, Math.min(this.#arcTimeoutMs, (opts.deadline ?? Infinity) - performance.now()));
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new ArcTimeout(`no answer within ${this.#arcTimeoutMs} ms`)), this.#arcTimeoutMs);
+      timer = setTimeout(() => reject(new ArcTimeout(`no answer within ${Math.round(limit)} ms`)), limit);
     });
+    const running = call();
     try {
-      const r = await Promise.race([call(), timeout]);
-      this.timeline.push({ ...entry, start, end: this.#now(), result: 'ok' });
+      const r = await Promise.race([running, timeout]);
+      const issued = opts.issuedAt?.(r);
+      this.timeline.push({ ...entry, start: issued === undefined ? queued : issued - this.#t0, end: this.#now(), result: 'ok' });
       return r;
     } catch (err) {
       const result = err instanceof ArcTimeout ? 'timeout' : err instanceof VfioError && err.code ? err.code : String((err as Error).message ?? err);
-      this.timeline.push({ ...entry, start, end: this.#now(), result });
-      if (err instanceof ArcTimeout) m.hung = true;
+      this.timeline.push({ ...entry, start: queued, end: this.#now(), result });
+      if (err instanceof ArcTimeout) {
+        m.hung = true;
+        m.late = this.#lateReturn(m, running, entry.phase);
+      }
       throw err;
     } finally {
       clearTimeout(timer);
     }
   }
 
+  /**
+   * A timed-out call returned after all: slow, not hung. The device's state is taken
+   * from the result (or re-read), a data fd it opened is closed, and when the migration
+   * failed meanwhile the device is walked back to RUNNING like the others were.
+   */
+  async #lateReturn(m: Member, running: Promise<unknown>, phase: string): Promise<void> {
+    const t = this.#now();
+    const settled = await running.then(
+      (r) => ({ ok: true as const, r }),
+      (e: unknown) => ({ ok: false as const, e }),
+    );
+    this.timeline.push({ device: m.dev.name, op: 'get', phase: `${phase} (late return)`, start: t, end: this.#now(), result: settled.ok ? 'ok' : describe(m.dev.name, settled.e).errno ?? 'error' });
+    m.hung = false;
+    const r = settled.ok ? (settled.r as Partial<SetStateResult> | undefined) : undefined;
+    r?.dataFd?.close();
+    m.state = r?.state !== undefined ? r.state : ((settled.ok ? undefined : parseAfter(settled.e)) ?? (await this.#reread(m, `${phase} (late return)`)));
+    if (this.#failed && m.state !== MigState.Running) {
+      await this.#recoverAlone(m, `${phase} (late return)`).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Waits until every arc that outlived its timeout returned and its device was walked
+   * back (or `timeoutMs` passed); returns the devices still hung. Call it before closing
+   * devices after a failure, so that a slow device is not left stopped.
+   */
+  async settled(timeoutMs = this.#rollbackTimeoutMs): Promise<string[]> {
+    const pending = this.#members.filter((m) => m.late).map((m) => m.late!);
+    if (pending.length) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.allSettled(pending), new Promise((resolve) => (timer = setTimeout(resolve, timeoutMs)))]);
+      clearTimeout(timer);
+    }
+    return this.#members.filter((m) => m.hung).map((m) => m.dev.name);
+  }
+
   /** Walks one device to `target` one arc per SET, recording each arc. */
-  async #walk(m: Member, target: MigState, phase: string): Promise<void> {
+  async #walk(m: Member, target: MigState, phase: string, rollback?: { deadline: number }): Promise<void> {
     if (m.state === target) return;
     const p = plan(m.state, target, m.flags);
     if (!p.ok) throw new VfioError({ operation: `${phase}: ${stateName(m.state)}->${stateName(target)}`, device: m.dev.name, hint: p.reason });
-    for (const arc of p.arcs) await this.#arc(m, arc, phase);
+    for (const arc of p.arcs) await this.#arc(m, arc, phase, rollback);
   }
 
-  async #arc(m: Member, arc: Arc, phase: string): Promise<void> {
+  async #arc(m: Member, arc: Arc, phase: string, rollback?: { deadline: number }): Promise<void> {
+    // Rollback arcs are not cancellable by the migration's signal and share one deadline.
+    const signal = rollback ? undefined : this.#signal;
     try {
-      const r = await this.#timed(m, { device: m.dev.name, op: 'set', from: stateName(arc.from), to: stateName(arc.to), phase }, () =>
-        m.dev.setState(arc.to, { signal: this.#signal }),
-      );
+      const r = await this.#timed(m, { device: m.dev.name, op: 'set', from: stateName(arc.from), to: stateName(arc.to), phase }, () => m.dev.setState(arc.to, signal ? { signal } : {}), {
+        signal,
+        issuedAt: (res) => res.timing?.issuedAt,
+        deadline: rollback?.deadline,
+      });
       m.state = r.state;
       if (r.dataFd) {
         m.dataFd?.close();
@@ -200,6 +272,28 @@ export class Coordinator {
     }
   }
 
+  /** VFIO_DEVICE_RESET, then the state as the kernel reports it (never assumed). */
+  async #reset(m: Member, phase: string, deadline: number): Promise<void> {
+    await this.#timed(m, { device: m.dev.name, op: 'reset', phase }, () => m.dev.reset(), { deadline });
+    m.state = await this.#reread(m, phase);
+  }
+
+  /** One device back to RUNNING on its own (a late return), by the recovery policy. */
+  async #recoverAlone(m: Member, phase: string): Promise<void> {
+    m.dataFd?.close();
+    m.dataFd = undefined;
+    const deadline = performance.now() + this.#rollbackTimeoutMs;
+    if (recoveryStep(m.state) === 'walk') {
+      try {
+        await this.#walk(m, MigState.Running, phase, { deadline });
+        return;
+      } catch {
+        if (m.hung) return;
+      }
+    }
+    if (m.state !== MigState.Running) await this.#reset(m, phase, deadline);
+  }
+
   /** Runs `step` on every (non-hung) member in parallel; collects every failure. */
   async #parallel(phase: string, members: Member[], step: (m: Member) => Promise<void>): Promise<{ device: string; error: string; errno?: string }[]> {
     const results = await Promise.allSettled(members.map((m) => step(m)));
@@ -213,6 +307,7 @@ export class Coordinator {
   async #phase(phase: string, step: (m: Member) => Promise<void>, members = this.#members): Promise<void> {
     const failures = await this.#parallel(phase, members, step);
     if (failures.length === 0) return;
+    this.#failed = true;
     let note = '';
     if (this.#autoRollback) {
       const left = await this.rollback().catch((e: Error) => e.message);
@@ -293,60 +388,71 @@ export class Coordinator {
   }
 
   /**
-   * Every device back to RUNNING from wherever it is, keeping the P2P rule in reverse:
-   * first every device to RUNNING_P2P (or STOP), devices in ERROR are reset, then all to
-   * RUNNING. A device that refuses is reset. Hung devices are reported, not touched.
+   * Every device back to RUNNING from wherever it is, by the recovery policy of
+   * recover.ts and keeping the P2P rule in reverse: first every device that walks leaves
+   * the saving/resuming group toward RUNNING_P2P (or STOP), then devices in ERROR or
+   * RESUMING and those that refused are reset (a reset device is RUNNING at once, so no
+   * reset runs while another device is still on its way to STOP), then all go to
+   * RUNNING. Hung devices are reported and walked back when their arc returns. Runs
+   * within its own time bound and ignores the migration's cancellation signal.
    */
   async rollback(): Promise<void> {
+    this.#failed = true;
     this.#closeFds();
+    const deadline = performance.now() + this.#rollbackTimeoutMs;
     const live = this.#members.filter((m) => !m.hung);
-    const resetMember = async (m: Member) => {
-      await this.#timed(m, { device: m.dev.name, op: 'reset', phase: 'rollback' }, () => m.dev.reset());
-      m.state = MigState.Running;
-    };
-    // 1: leave the saving/resuming group, toward the P2P barrier. A device that refuses
-    // is reset only after every device finished this step: a reset device is RUNNING at
-    // once, and no other device may still be on its way to STOP then.
     const needReset = new Set<Member>();
+    // 1: toward the P2P barrier.
     await this.#parallel('rollback', live, async (m) => {
-      if (m.state === MigState.Error || m.state === MigState.Running || m.state === MigState.PreCopy) return;
-      // Leaving RESUMING through STOP would commit data that may be partial or corrupt
-      // (some drivers, mtty among them, do not validate it): aborting a resume is a reset.
-      if (m.state === MigState.Resuming) {
+      const step = recoveryStep(m.state);
+      if (step === 'none' || m.state === MigState.PreCopy) return;
+      if (step === 'reset') {
         needReset.add(m);
         return;
       }
       const barrier = m.flags & MigrationFlag.P2P ? MigState.RunningP2P : MigState.Stop;
       try {
-        await this.#walk(m, barrier, 'rollback');
+        await this.#walk(m, barrier, 'rollback', { deadline });
       } catch {
         if (!m.hung) needReset.add(m);
       }
     });
-    // 2: reset what refused or is in ERROR; 3: everything to RUNNING.
+    // 2: reset what the policy resets or what refused. A failed reset leaves the device
+    // where it is (RESUMING stays uncommitted) and is reported below.
+    const resetFailed = new Map<Member, string>();
     await this.#parallel('rollback', live, async (m) => {
-      if (m.state !== MigState.Error && !needReset.has(m)) return;
+      if (!needReset.has(m) && m.state !== MigState.Error) return;
       try {
-        await resetMember(m);
+        await this.#reset(m, 'rollback', deadline);
       } catch (err) {
-        // No usable reset: step 3 walks it to RUNNING instead, which is still better
-        // than leaving it stopped; an ERROR device without reset stays reported.
-        if (m.state === MigState.Error) throw err;
+        resetFailed.set(m, describe(m.dev.name, err).error);
       }
     });
+    // 3: everything that walks, to RUNNING.
     const failures = await this.#parallel('rollback', live, async (m) => {
-      if (m.state === MigState.Running) return;
+      if (m.state === MigState.Running || m.hung) return;
+      if (resetFailed.has(m)) throw new Error(`reset failed, left in ${stateName(m.state)}${m.state === MigState.Resuming ? ' (uncommitted)' : ''}: ${resetFailed.get(m)}`);
+      if (recoveryStep(m.state) !== 'walk') throw new Error(`left in ${stateName(m.state)}`);
       try {
-        await this.#walk(m, MigState.Running, 'rollback');
-      } catch {
-        if (m.hung) throw new Error('hung during rollback');
-        await resetMember(m);
+        await this.#walk(m, MigState.Running, 'rollback', { deadline });
+      } catch (err) {
+        if (m.hung) return;
+        try {
+          await this.#reset(m, 'rollback', deadline);
+        } catch {
+          throw err;
+        }
+        if ((m.state as MigState) !== MigState.Running) throw new Error(`left in ${stateName(m.state)} after reset`);
       }
     });
     this.#closeFds();
     const hung = this.#members.filter((m) => m.hung).map((m) => m.dev.name);
     if (failures.length || hung.length) {
-      throw new CoordinatorError('rollback', [...failures, ...hung.map((device) => ({ device, error: 'hung: an arc never returned; the device is left to the kernel' }))], hung);
+      throw new CoordinatorError(
+        'rollback',
+        [...failures, ...hung.map((device) => ({ device, error: 'hung: an arc has not returned; it is walked back to RUNNING when it does (await settled())' }))],
+        hung,
+      );
     }
   }
 

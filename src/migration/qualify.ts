@@ -10,7 +10,11 @@ import { VfioError } from '../vfio/errors.ts';
 import { readToEnd, readAvailable, writeAll } from '../vfio/data.ts';
 import { MigState, MIG_STATE_COUNT, stateName, MigrationFlag } from '../vfio/uapi.ts';
 import { plan, supportedStates, describeFlags, arcOpensSession } from '../vfio/fsm.ts';
-import { saveState, restoreState, returnToRunning } from './trial.ts';
+import { saveState, restoreState } from './trial.ts';
+import { ensureRunning } from './recover.ts';
+
+/** Back to RUNNING by the one recovery policy (RESUMING is reset, never committed). */
+const returnToRunning = (dev: VfioDevice) => ensureRunning(dev);
 
 export interface QualifyCheck {
   /** e.g. "RUNNING->STOP_COPY", "refuse RUNNING_P2P", "MIG_DATA_SIZE". */

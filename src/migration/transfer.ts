@@ -10,20 +10,28 @@ import { readToEnd, writeAll } from '../vfio/data.ts';
 
 /**
  * Source, after coordinator.stopCopy(): streams every device's data, device by device,
- * then moves the devices to STOP. `describe` supplies each device's descriptor.
+ * then moves the devices to STOP. `describe` supplies each device's descriptor. On any
+ * error every source device is rolled back to RUNNING and the error thrown.
  */
 export async function saveSet(source: Coordinator, describe: (device: string) => DeviceDescriptor, out: (b: Buffer) => void | Promise<void>): Promise<number> {
   const fds = source.dataFds();
   if (fds.size !== source.devices.length) throw new Error(`only ${fds.size} of ${source.devices.length} devices have a saving fd: call stopCopy() first`);
   const w = new StreamWriter(out);
-  await w.begin(fds.size);
   let bytes = 0;
-  for (const name of source.devices) {
-    await w.beginDevice({ ...describe(name), device: name });
-    bytes += await readToEnd(fds.get(name)!, (c) => w.data(c));
-    await w.endDevice();
+  try {
+    await w.begin(fds.size);
+    for (const name of source.devices) {
+      await w.beginDevice({ ...describe(name), device: name });
+      bytes += await readToEnd(fds.get(name)!, (c) => w.data(c));
+      await w.endDevice();
+    }
+    await w.end();
+  } catch (err) {
+    // A failed read or a sink that gave up: the source devices are still stopped, so
+    // they go back to RUNNING before the error reaches the caller, as in loadSet.
+    await source.rollback().catch(() => undefined);
+    throw err;
   }
-  await w.end();
   await source.finishSource();
   return bytes;
 }

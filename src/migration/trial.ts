@@ -2,12 +2,14 @@
 // save the source (directly in STOP_COPY, or through PRE_COPY first), load it into the
 // destination (RESUMING -> STOP validates it), and put both back to RUNNING. It proves
 // a source's state loads on a destination device before a VM is risked, and is what
-// `npm run demo` shows. On any failure both devices are returned to RUNNING.
+// `npm run demo` shows. On any failure both devices are returned to RUNNING by the
+// one recovery policy (src/migration/recover.ts).
 
 import { VfioDevice } from '../vfio/device.ts';
 import { readToEnd, readAvailable, writeAll, type Sink } from '../vfio/data.ts';
 import { MigState } from '../vfio/uapi.ts';
 import { MigrationFlag } from '../vfio/uapi.ts';
+import { recoverToRunning, type RecoveryOutcome } from './recover.ts';
 
 export type SaveVia = 'stop-copy' | 'pre-copy';
 
@@ -51,21 +53,6 @@ export async function restoreState(dev: VfioDevice, stream: Buffer | Iterable<Bu
   return bytes;
 }
 
-/** Back to RUNNING from any state; resets when the device is in ERROR or refuses. */
-export async function returnToRunning(dev: VfioDevice): Promise<void> {
-  const s = await dev.state();
-  if (s === MigState.Running) return;
-  if (s !== MigState.Error) {
-    try {
-      await dev.setState(MigState.Running);
-      return;
-    } catch {
-      // fall through to reset
-    }
-  }
-  await dev.reset();
-}
-
 export interface TrialResult {
   source: string;
   destination: string;
@@ -95,8 +82,14 @@ export async function trialMigrate(sourceId: string, destinationId: string, opts
     const verified = opts.verify === false ? false : (await saveState(dst, via)).equals(stream);
     return { source: src.name, destination: dst.name, via, bytes: stream.length, saveMs: t1 - t0, restoreMs: t2 - t1, verified };
   } catch (err) {
-    await returnToRunning(src).catch(() => undefined);
-    if (dst) await returnToRunning(dst).catch(() => undefined);
+    // Both devices back to RUNNING by the one recovery policy (a destination caught in
+    // RESUMING is reset, never committed); what recovery could not fix is named.
+    const outcomes: RecoveryOutcome[] = [await recoverToRunning(src)];
+    if (dst) outcomes.push(await recoverToRunning(dst));
+    const bad = outcomes.filter((o) => !o.ok);
+    if (bad.length && err instanceof Error) {
+      err.message += `; recovery incomplete: ${bad.map((o) => `${o.device} left in ${o.state}${o.error ? ` (${o.error})` : ''}`).join('; ')}`;
+    }
     throw err;
   } finally {
     await src.close();

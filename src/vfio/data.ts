@@ -7,51 +7,74 @@
 import { sys, SysError } from '../host/sys.ts';
 import { VfioError } from './errors.ts';
 import { Errno } from '../host/errno.ts';
+import { OwnedFd } from './owned-fd.ts';
 
 export type SessionKind = 'saving' | 'resuming';
 
 export const DEFAULT_CHUNK = 1 << 20;
 
-/** Ownership of one data fd handed out by a SET MIG_DEVICE_STATE. Close it exactly once. */
+/**
+ * Ownership of one data fd handed out by a SET MIG_DEVICE_STATE. Close it exactly once;
+ * a close while a read or write is in flight is deferred until that call returned, so
+ * the number can never be reused under it (see OwnedFd).
+ */
 export class DataFd {
-  readonly fd: number;
   readonly kind: SessionKind;
   readonly device: string;
   /** Bytes read (saving) or written (resuming) through this object. */
   bytes = 0;
-  #closed = false;
+  readonly #owned: OwnedFd;
   #onClose: ((f: DataFd) => void) | undefined;
 
   constructor(fd: number, kind: SessionKind, device: string, onClose?: (f: DataFd) => void) {
-    this.fd = fd;
     this.kind = kind;
     this.device = device;
+    this.#owned = new OwnedFd(fd, `${kind} data fd`, device);
     this.#onClose = onClose;
   }
 
+  /** The fd number, for logs and tests. */
+  get fd(): number {
+    return this.#owned.number;
+  }
+
   get closed(): boolean {
-    return this.#closed;
+    return this.#owned.closed;
+  }
+
+  /** Closed, but a read/write/ioctl on it has not returned yet, so the number is held. */
+  get closePending(): boolean {
+    return this.#owned.closePending;
+  }
+
+  /** Resolves once the fd number went back to the kernel. */
+  get released(): Promise<void> {
+    return this.#owned.released;
   }
 
   assertOpen(operation: string): void {
-    if (this.#closed) {
-      throw new VfioError({ operation, device: this.device, errno: Errno.EBADF, hint: `the ${this.kind} data fd was already closed` });
-    }
+    this.#owned.useSync(operation, () => undefined);
+  }
+
+  /** A synchronous ioctl on the data fd (precopy info). */
+  useSync<T>(operation: string, call: (fd: number) => T): T {
+    return this.#owned.useSync(operation, call);
+  }
+
+  /** An asynchronous call on the data fd, counted while it is in flight. */
+  use<T>(operation: string, call: (fd: number) => Promise<T>): Promise<T> {
+    return this.#owned.use(operation, call);
   }
 
   close(): void {
-    if (this.#closed) return;
-    this.#closed = true;
+    if (this.#owned.closed) return;
     this.#onClose?.(this);
-    try {
-      sys().close(this.fd);
-    } catch {
-      // The kernel may already have torn the session down; the fd number is released anyway.
-    }
+    this.#owned.close();
   }
 }
 
 function ioError(err: unknown, operation: string, f: DataFd): VfioError {
+  if (err instanceof VfioError) return err;
   if (!(err instanceof SysError)) return new VfioError({ operation, device: f.device, hint: String(err), cause: err });
   const hints: Record<string, string> = {
     ENODEV: 'the migration session was ended (state changed, device reset or closed) - the stream cannot be resumed',
@@ -74,13 +97,14 @@ export interface ReadOptions {
 async function readOnce(f: DataFd, buf: Buffer, operation: string): Promise<number | 'nothing-now'> {
   for (;;) {
     try {
-      return await sys().read(f.fd, buf, buf.length);
+      // use() checks the fd on every iteration: a close between two reads stops the loop.
+      return await f.use(operation, (fd) => sys().read(fd, buf, buf.length));
     } catch (err) {
       if (err instanceof SysError) {
         if (err.code === 'EINTR') continue;
         if (err.code === 'ENOMSG') return 'nothing-now';
         if (err.code === 'EAGAIN') {
-          await sys().poll(f.fd, 1 /* POLLIN */, 1000);
+          await f.use(operation, (fd) => sys().poll(fd, 1 /* POLLIN */, 1000));
           continue;
         }
       }
@@ -138,11 +162,11 @@ export async function writeAll(f: DataFd, data: Buffer | Iterable<Buffer> | Asyn
       const piece = chunk.subarray(off, Math.min(chunk.length, off + DEFAULT_CHUNK));
       let n: number;
       try {
-        n = await sys().write(f.fd, piece, piece.length);
+        n = await f.use(operation, (fd) => sys().write(fd, piece, piece.length));
       } catch (err) {
         if (err instanceof SysError && err.code === 'EINTR') continue;
         if (err instanceof SysError && err.code === 'EAGAIN') {
-          await sys().poll(f.fd, 4 /* POLLOUT */, 1000);
+          await f.use(operation, (fd) => sys().poll(fd, 4 /* POLLOUT */, 1000));
           continue;
         }
         throw ioError(err, operation, f);

@@ -5,7 +5,8 @@
 // migration mutex and a concurrent RESET is applied "deferred" mid-transition.
 
 import { existsSync } from 'node:fs';
-import { sys, OpenFlag, SysError, type IoctlArg } from '../host/sys.ts';
+import { sys, OpenFlag, SysError, type IoctlArg, type CallTiming } from '../host/sys.ts';
+import { OwnedFd } from './owned-fd.ts';
 import { VfioError, fromSys } from './errors.ts';
 import { Errno } from '../host/errno.ts';
 import * as U from './uapi.ts';
@@ -28,6 +29,8 @@ export interface SetStateResult {
   arcs: Arc[];
   /** A new data session's fd, owned by the caller, when the final arc opened one. */
   dataFd?: DataFd;
+  /** When the SET was issued to the kernel and returned (when the backend knows). */
+  timing: CallTiming;
 }
 
 interface Handles {
@@ -35,6 +38,13 @@ interface Handles {
   groupFd?: number;
   iommuFd?: number;
   deviceFd: number;
+}
+
+/** An open device: its fd owned (calls counted), and the fds that must outlive it. */
+interface OpenHandles {
+  device: OwnedFd;
+  /** Group, container or iommufd: closed only after the device fd was released. */
+  holders: number[];
 }
 
 /** Serialises async work: each task starts after the previous one settled. */
@@ -52,9 +62,10 @@ export class VfioDevice {
   readonly name: string;
   readonly group: number | undefined;
   readonly openedVia: 'group' | 'cdev';
-  #h: Handles | undefined;
+  #h: OpenHandles | undefined;
   #queue = new Queue();
   #flags: number | undefined;
+  #unknownFlags = 0n;
   #knownState: MigState | undefined;
   #precopyV2 = false;
   #dataFds = new Set<DataFd>();
@@ -64,7 +75,7 @@ export class VfioDevice {
     this.name = sysfs.deviceIdString(id);
     this.group = group;
     this.openedVia = via;
-    this.#h = h;
+    this.#h = { device: new OwnedFd(h.deviceFd, 'device fd', this.name), holders: [h.groupFd, h.containerFd, h.iommuFd].filter((fd): fd is number => fd !== undefined) };
   }
 
   /** Opens a device by PCI address or mdev UUID (validated before any path is built). */
@@ -103,24 +114,34 @@ export class VfioDevice {
     return this.#dataFds.size;
   }
 
-  #fd(operation: string): number {
+  /** Closed while a call was still running: the fd is held until that call returns. */
+  get closePending(): boolean {
+    return this.#h === undefined && this.#closing?.closePending === true;
+  }
+
+  #closing: OwnedFd | undefined;
+
+  #dev(operation: string): OwnedFd {
     if (!this.#h) throw new VfioError({ operation, device: this.name, errno: Errno.EBADF, hint: 'the device was closed' });
-    return this.#h.deviceFd;
+    return this.#h.device;
+  }
+
+  /** A synchronous ioctl on the device fd; SysError passes through for callers to word. */
+  #rawIoctl(operation: string, request: number, arg?: IoctlArg): number {
+    return this.#dev(operation).useSync(operation, (fd) => sys().ioctl(fd, request, arg));
   }
 
   #ioctl(operation: string, request: number, arg?: IoctlArg, hint?: (code: string) => string | undefined): number {
-    const fd = this.#fd(operation);
     try {
-      return sys().ioctl(fd, request, arg);
+      return this.#rawIoctl(operation, request, arg);
     } catch (err) {
       throw fromSys(err, operation, this.name, hint);
     }
   }
 
-  async #ioctlAsync(operation: string, request: number, arg?: Buffer, hint?: (code: string) => string | undefined): Promise<number> {
-    const fd = this.#fd(operation);
+  async #ioctlAsync(operation: string, request: number, arg?: Buffer, hint?: (code: string) => string | undefined, timing?: CallTiming): Promise<number> {
     try {
-      return await sys().ioctlAsync(fd, request, arg);
+      return await this.#dev(operation).use(operation, (fd) => sys().ioctlAsync(fd, request, arg, timing));
     } catch (err) {
       throw fromSys(err, operation, this.name, hint);
     }
@@ -148,11 +169,17 @@ export class VfioDevice {
   }
 
   /**
-   * The MIGRATION feature's flags, validated: only 1, 3, 5, 7 are defined. A device
+   * The MIGRATION feature's known flag bits (STOP_COPY required; unknown higher bits
+   * are kept aside in unknownMigrationFlags, not refused). A device
    * without the feature is explained (including devices that only speak v1).
    */
   migrationFlags(): Promise<number> {
     return this.#queue.run(() => this.#migrationFlagsLocked());
+  }
+
+  /** Flag bits the kernel reported that this layer does not know (read after migrationFlags()). */
+  get unknownMigrationFlags(): bigint {
+    return this.#unknownFlags;
   }
 
   #migrationFlagsLocked(): number {
@@ -160,7 +187,7 @@ export class VfioDevice {
     const buf = U.encodeFeature(U.Feature.MIGRATION, U.FeatureFlag.GET, U.Layout.featureMigration.size);
     const operation = 'GET MIGRATION';
     try {
-      sys().ioctl(this.#fd(operation), U.Ioctl.DEVICE_FEATURE, buf);
+      this.#rawIoctl(operation, U.Ioctl.DEVICE_FEATURE, buf);
     } catch (err) {
       if (err instanceof SysError && err.code === 'ENOTTY') {
         const v1 = this.#hasV1MigrationRegion();
@@ -179,25 +206,26 @@ export class VfioDevice {
     const check = checkMigrationFlags(raw);
     if (!check.ok) throw new VfioError({ operation, device: this.name, hint: check.reason });
     this.#flags = check.flags;
+    this.#unknownFlags = check.unknown;
     return check.flags;
   }
 
   #hasV1MigrationRegion(): boolean {
     try {
       const infoBuf = U.encodeDeviceInfo();
-      sys().ioctl(this.#fd('GET_INFO'), U.Ioctl.DEVICE_GET_INFO, infoBuf);
+      this.#rawIoctl('GET_INFO', U.Ioctl.DEVICE_GET_INFO, infoBuf);
       const { numRegions } = U.decodeDeviceInfo(infoBuf);
       for (let index = 0; index < Math.min(numRegions, 64); index++) {
         let buf = U.encodeRegionInfo(index);
         try {
-          sys().ioctl(this.#fd('GET_REGION_INFO'), U.Ioctl.DEVICE_GET_REGION_INFO, buf);
+          this.#rawIoctl('GET_REGION_INFO', U.Ioctl.DEVICE_GET_REGION_INFO, buf);
         } catch {
           continue; // holes in the region index space are normal (e.g. VGA, ROM)
         }
         const needed = buf.readUInt32LE(U.RegionInfo.argsz);
         if (needed > buf.length && needed <= 4096) {
           buf = U.encodeRegionInfo(index, needed);
-          sys().ioctl(this.#fd('GET_REGION_INFO'), U.Ioctl.DEVICE_GET_REGION_INFO, buf);
+          this.#rawIoctl('GET_REGION_INFO', U.Ioctl.DEVICE_GET_REGION_INFO, buf);
         }
         const caps = U.decodeRegionCapTypes(buf);
         if (caps.some((c) => c.type === U.RegionInfo.TYPE_MIGRATION_DEPRECATED && c.subtype === U.RegionInfo.SUBTYPE_MIGRATION_DEPRECATED)) {
@@ -236,7 +264,7 @@ export class VfioDevice {
       if (!U.isMigState(target)) {
         throw new VfioError({ operation: `SET MIG_DEVICE_STATE ${targetName}`, device: this.name, errno: Errno.EINVAL, hint: `target state ${String(target)} is out of range 0..7` });
       }
-      this.#fd(`SET MIG_DEVICE_STATE ${targetName}`);
+      this.#dev(`SET MIG_DEVICE_STATE ${targetName}`);
       if (opts.signal?.aborted) {
         throw new VfioError({ operation: `SET MIG_DEVICE_STATE ${targetName}`, device: this.name, errno: Errno.ECANCELED, hint: 'cancelled before the request was sent' });
       }
@@ -248,8 +276,9 @@ export class VfioDevice {
         throw new VfioError({ operation, device: this.name, errno: Errno.EINVAL, hint: `${p.reason}${p.refusedByUs ? ' (refused before calling the kernel)' : ` (device flags: ${describeFlags(flags).join('|')})`}` });
       }
       const buf = U.encodeFeature(U.Feature.MIG_DEVICE_STATE, U.FeatureFlag.SET, U.encodeMigState(target));
+      const timing: CallTiming = {};
       try {
-        await this.#ioctlAsync(operation, U.Ioctl.DEVICE_FEATURE, buf);
+        await this.#ioctlAsync(operation, U.Ioctl.DEVICE_FEATURE, buf, undefined, timing);
       } catch (err) {
         this.#knownState = undefined;
         let after: string;
@@ -280,9 +309,9 @@ export class VfioDevice {
         const kind = session ?? (target === MigState.Resuming ? 'resuming' : 'saving');
         const f = new DataFd(dataFd, kind, this.name, (closed) => this.#dataFds.delete(closed));
         this.#dataFds.add(f);
-        return { state: target, arcs: p.arcs, dataFd: f };
+        return { state: target, arcs: p.arcs, dataFd: f, timing };
       }
-      return { state: target, arcs: p.arcs };
+      return { state: target, arcs: p.arcs, timing };
     });
   }
 
@@ -300,7 +329,7 @@ export class VfioDevice {
       }
       const buf = U.encodeFeature(U.Feature.MIG_DEVICE_STATE, U.FeatureFlag.SET, U.encodeMigState(target >>> 0));
       try {
-        await sys().ioctlAsync(this.#fd('probe refusal'), U.Ioctl.DEVICE_FEATURE, buf);
+        await this.#dev('probe refusal').use('probe refusal', (fd) => sys().ioctlAsync(fd, U.Ioctl.DEVICE_FEATURE, buf));
       } catch (err) {
         this.#knownState = undefined;
         if (err instanceof SysError) return err.code;
@@ -339,10 +368,9 @@ export class VfioDevice {
   precopyInfo(f: DataFd): Promise<U.PrecopyInfo> {
     return this.#queue.run(() => {
       const operation = 'VFIO_MIG_GET_PRECOPY_INFO';
-      f.assertOpen(operation);
       const buf = U.encodePrecopyInfo();
       try {
-        sys().ioctl(f.fd, U.Ioctl.MIG_GET_PRECOPY_INFO, buf);
+        f.useSync(operation, (fd) => sys().ioctl(fd, U.Ioctl.MIG_GET_PRECOPY_INFO, buf));
       } catch (err) {
         throw fromSys(err, operation, this.name, (code) =>
           code === 'EINVAL' ? 'precopy info exists only in PRE_COPY and PRE_COPY_P2P' : code === 'ENODEV' ? 'the saving session has ended' : undefined,
@@ -357,28 +385,43 @@ export class VfioDevice {
   reset(): Promise<void> {
     return this.#queue.run(async () => {
       this.#knownState = undefined;
-      await this.#ioctlAsync('VFIO_DEVICE_RESET', U.Ioctl.DEVICE_RESET, undefined, (code) =>
-        code === 'EINVAL' ? 'the device has no usable reset (no FLR, PM or bus reset available)' : code === 'EAGAIN' ? 'reset locks are contended; retry' : undefined,
-      );
+      try {
+        await this.#ioctlAsync('VFIO_DEVICE_RESET', U.Ioctl.DEVICE_RESET, undefined, (code) =>
+          code === 'EINVAL' ? 'the device has no usable reset (no FLR, PM or bus reset available)' : code === 'EAGAIN' ? 'reset locks are contended; retry' : undefined,
+        );
+      } finally {
+        // The next plan starts from the state the kernel reports, never from a guess:
+        // a reset normally lands in RUNNING, but a failed one may not have.
+        this.#knownState = undefined;
+      }
     });
   }
 
   /**
-   * Closes every data fd still held, then the device, group and container. Idempotent.
-   * Not queued: a device whose arc never returns (a hung driver) must still be closable;
-   * calls still queued then fail with EBADF, and an in-flight call keeps the kernel's
-   * own reference to the file until it returns.
+   * Closes every data fd still held, then the device, then group and container (in that
+   * order: a group fd closed first would leave the device fd dangling). Idempotent, and
+   * not queued: a device whose arc never returns (a hung driver) must still be closable.
+   * Calls still queued fail with EBADF without reaching the kernel; a call in flight
+   * keeps its fd number held (closePending) until it returns, so no later open can
+   * receive that number while the call may still act on it. Resolves at once.
    */
   close(): Promise<void> {
     const h = this.#h;
     if (!h) return Promise.resolve();
     this.#h = undefined;
+    this.#closing = h.device;
     for (const f of [...this.#dataFds]) f.close();
-    closeQuietly(h.deviceFd);
-    if (h.groupFd !== undefined) closeQuietly(h.groupFd);
-    if (h.containerFd !== undefined) closeQuietly(h.containerFd);
-    if (h.iommuFd !== undefined) closeQuietly(h.iommuFd);
+    h.device.afterRelease(() => {
+      for (const fd of h.holders) closeQuietly(fd);
+    });
+    h.device.close();
     return Promise.resolve();
+  }
+
+  /** Resolves when every fd of this device went back to the kernel (after close()). */
+  get released(): Promise<void> {
+    const owned = this.#h?.device ?? this.#closing;
+    return owned ? owned.released : Promise.resolve();
   }
 }
 

@@ -2,7 +2,7 @@
 // its skip-unsupported-states rule, so we can predict exactly which arcs (one driver
 // call each) a SET will walk, and refuse requests the kernel must never see.
 
-import { MigState, MigrationFlag, MIG_STATE_COUNT, DEFINED_MIGRATION_FLAG_SETS, stateName } from './uapi.ts';
+import { MigState, MigrationFlag, MIG_STATE_COUNT, stateName } from './uapi.ts';
 
 const { Error: ERR, Stop: STOP, Running: RUN, StopCopy: SC, Resuming: RES, RunningP2P: RP2P, PreCopy: PC, PreCopyP2P: PCP2P } = MigState;
 
@@ -135,22 +135,33 @@ export function isRunningState(s: MigState): boolean {
   return s === RUN || s === PC;
 }
 
-export type FlagCheck = { ok: true; flags: number } | { ok: false; flags: number; reason: string };
+export type FlagCheck = { ok: true; flags: number; unknown: bigint } | { ok: false; flags: number; unknown: bigint; reason: string };
 
-/** Validates a GET MIGRATION result: only 1, 3, 5 and 7 are defined by the uAPI. */
+const KNOWN_FLAG_BITS = BigInt(MigrationFlag.STOP_COPY | MigrationFlag.P2P | MigrationFlag.PRE_COPY);
+
+/**
+ * Reads a GET MIGRATION result by bits, as QEMU does (hw/vfio/migration.c): STOP_COPY is
+ * required, P2P and PRE_COPY are optional, and bits a newer kernel may define are
+ * tolerated and shown, never refused - refusing them would make every device of a
+ * newer driver unmigratable for no reason. `flags` holds the known bits only.
+ */
 export function checkMigrationFlags(raw: bigint): FlagCheck {
-  const flags = Number(raw & 0xffffffffn);
-  if ((DEFINED_MIGRATION_FLAG_SETS as readonly number[]).includes(flags) && raw <= 7n) return { ok: true, flags };
+  const flags = Number(raw & KNOWN_FLAG_BITS);
+  const unknown = raw & ~KNOWN_FLAG_BITS;
   if ((flags & MigrationFlag.STOP_COPY) === 0) {
-    return { ok: false, flags, reason: `flags ${raw} lack STOP_COPY, which every migratable device must support` };
+    return { ok: false, flags, unknown, reason: `flags 0x${raw.toString(16)} lack STOP_COPY, which every migratable device must support` };
   }
-  return { ok: false, flags, reason: `flags ${raw} are not one of the defined combinations 1, 3, 5, 7 (STOP_COPY, +P2P, +PRE_COPY, all); unknown bits ${raw & ~7n}` };
+  return { ok: true, flags, unknown };
 }
 
-export function describeFlags(flags: number): string[] {
+/** Flag names, with any bit this layer does not know shown as "unknown flag 0x8". */
+export function describeFlags(flags: number, unknown = 0n): string[] {
   const names: string[] = [];
   if (flags & MigrationFlag.STOP_COPY) names.push('STOP_COPY');
   if (flags & MigrationFlag.P2P) names.push('P2P');
   if (flags & MigrationFlag.PRE_COPY) names.push('PRE_COPY');
+  for (let bit = 3n; unknown >> bit !== 0n; bit++) {
+    if ((unknown >> bit) & 1n) names.push(`unknown flag 0x${(1n << bit).toString(16)}`);
+  }
   return names;
 }

@@ -30,7 +30,7 @@ export async function probeMigration(name: string): Promise<InventoryEntry['migr
     dev = VfioDevice.open(name);
     const flags = await dev.migrationFlags();
     const state = await dev.state();
-    return { flags: describeFlags(flags), state: stateName(state) };
+    return { flags: describeFlags(flags, dev.unknownMigrationFlags), state: stateName(state) };
   } catch (err) {
     if (err instanceof VfioError) return { error: err.message, ...(err.code ? { errno: err.code } : {}) };
     return { error: String(err) };

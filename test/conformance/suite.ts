@@ -7,7 +7,8 @@ import type { TestFn, ExecutionContext } from 'ava';
 import { VfioDevice } from '../../src/vfio/device.ts';
 import { VfioError } from '../../src/vfio/errors.ts';
 import { readToEnd, readAvailable, writeAll } from '../../src/vfio/data.ts';
-import { saveState, restoreState, returnToRunning, type SaveVia } from '../../src/migration/trial.ts';
+import { saveState, restoreState, type SaveVia } from '../../src/migration/trial.ts';
+import { ensureRunning } from '../../src/migration/recover.ts';
 import { MigState, stateName, DEFINED_MIGRATION_FLAG_SETS } from '../../src/vfio/uapi.ts';
 import { plan, supportedStates } from '../../src/vfio/fsm.ts';
 
@@ -42,7 +43,7 @@ export interface ConformanceBackend {
 
 const save = (dev: VfioDevice, via: SaveVia = 'stop-copy') => saveState(dev, via);
 const restore = (dev: VfioDevice, stream: Buffer) => restoreState(dev, stream);
-const toRunning = returnToRunning;
+const toRunning = ensureRunning;
 
 export function registerConformance(test: TestFn, backend: ConformanceBackend): void {
   const t = test.serial;

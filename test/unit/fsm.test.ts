@@ -109,17 +109,20 @@ test('the raw table never routes through a saving state as an interior hop', (t)
   t.is(NEXT_HOP.length, 8);
 });
 
-test('checkMigrationFlags accepts exactly 1, 3, 5, 7 and explains the rest', (t) => {
-  for (const f of [1n, 3n, 5n, 7n]) t.deepEqual(checkMigrationFlags(f), { ok: true, flags: Number(f) });
-  for (const f of [0n, 2n, 4n, 6n]) {
+test('checkMigrationFlags reads bits like QEMU: STOP_COPY required, unknown bits tolerated and shown', (t) => {
+  for (const f of [1n, 3n, 5n, 7n]) t.deepEqual(checkMigrationFlags(f), { ok: true, flags: Number(f), unknown: 0n });
+  for (const f of [0n, 2n, 4n, 6n, 8n, 10n]) {
     const r = checkMigrationFlags(f);
-    t.false(r.ok);
+    t.false(r.ok, `flags ${f} lack STOP_COPY`);
     if (!r.ok) t.regex(r.reason, /STOP_COPY/);
   }
-  const weird = checkMigrationFlags(9n);
-  t.false(weird.ok);
-  if (!weird.ok) t.regex(weird.reason, /unknown bits 8/);
-  t.false(checkMigrationFlags((1n << 40n) | 1n).ok, 'high bits of the u64 count');
+  const newer = checkMigrationFlags(9n);
+  t.deepEqual(newer, { ok: true, flags: 1, unknown: 8n }, 'a bit a newer kernel may define is kept aside, not refused');
+  const high = checkMigrationFlags((1n << 40n) | 7n);
+  t.true(high.ok);
+  t.is(high.flags, 7, 'planning uses the known bits only');
+  t.deepEqual(describeFlags(high.flags, high.unknown), ['STOP_COPY', 'P2P', 'PRE_COPY', 'unknown flag 0x10000000000']);
+  t.deepEqual(describeFlags(newer.flags, newer.unknown), ['STOP_COPY', 'unknown flag 0x8']);
 });
 
 test('supportedStates and describeFlags follow the flag requirements', (t) => {
