@@ -8,7 +8,8 @@
 //  - when the socket closes or the peer breaks QMP: exit 3, one line on stderr (events that
 //    came before are printed);
 //  - without --timeout it runs until one of the above (or Ctrl-C). Connecting (greeting and
-//    capability negotiation) is always bounded: by --timeout, or 10 s without it.
+//    capability negotiation) is always bounded: by --timeout, or 10 s without it;
+//  - when stdout's reader goes away (EPIPE, e.g. `| head -3`): exit 0, quietly.
 //
 // QEMU stamps each event with its host clock; the human format prints that time (UTC,
 // microseconds), the name and the data as compact JSON. --json prints QEMU's own envelope,
@@ -72,9 +73,16 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
         if (finished) return;
         finished = true;
         clearTimeout(timer);
+        out.off('error', onOutputError);
         if (message) err.write(`vfio-mig events: ${message}\n`);
         resolve(code);
       };
+      // The reader went away (`vfio-mig events ... | head -3`): stop quietly, like any filter.
+      const onOutputError = (e: NodeJS.ErrnoException): void => {
+        if (e.code === 'EPIPE') finish(EXIT.OK);
+        else finish(EXIT.REFUSED, `cannot write the events: ${e.message}`);
+      };
+      out.on('error', onOutputError);
       const onEvent = (ev: QmpEvent): void => {
         if (finished) return;
         out.write(format(ev));

@@ -11,7 +11,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { PassThrough } from 'node:stream';
 import { runCli } from '../cli-harness.ts';
+import { main } from '../../src/cli/main.ts';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const GREETING = { QMP: { version: { qemu: { micro: 2, minor: 0, major: 10 }, package: 'Debian 1:10.0.2' }, capabilities: ['oob'] } };
@@ -302,6 +304,18 @@ test('events: garbage, silence, no socket and usage errors', async (t) => {
     t.is(r.code, 2, argv.join(' '));
     t.regex(r.err, /usage: vfio-mig events --socket PATH/);
   }
+});
+
+test('events: the reader going away (EPIPE on stdout) ends it quietly with exit 0', async (t) => {
+  const { path } = await fakeQmp(t, { onReady: (conn) => setTimeout(() => conn.event('STOP'), 20) });
+  const out = new PassThrough();
+  const err = new PassThrough();
+  let e = '';
+  err.on('data', (c) => (e += c));
+  out.once('data', () => out.emit('error', Object.assign(new Error('write EPIPE'), { code: 'EPIPE' })));
+  const code = await main(['events', '--socket', path], out, err);
+  t.is(code, 0);
+  t.is(e, '');
 });
 
 test('--help of qmp and events lists the exit codes; vfio-mig --help lists both commands', async (t) => {
