@@ -26,7 +26,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream): Promise<n
   } else {
     for (const r of reports) {
       out.write(`${r.device}: flags ${r.flags.join('|') || '-'}\n`);
-      const rows = r.checks.map((c) => [c.check, c.latencyMs === undefined ? '' : `${c.latencyMs.toFixed(2)} ms`, c.ok ? c.result : `FAIL ${c.result}`]);
+      const rows = r.checks.map((c) => [c.check, c.latencyMs === undefined ? '' : `${c.latencyMs.toFixed(2)} ms`, c.ok ? (c.warning ? `WARN ${c.result}` : c.result) : `FAIL ${c.result}`]);
       out.write(table(['ARC / CHECK', 'LATENCY', 'RESULT'], rows));
       const failed = r.checks.filter((c) => !c.ok).map((c) => c.check);
       out.write(r.verdict === 'pass' ? `verdict: PASS - ${r.device} behaves as the VFIO migration uAPI requires\n\n` : `verdict: FAIL - ${failed.join(', ')}\n\n`);

@@ -16,6 +16,7 @@ import type { DataFd } from '../vfio/data.ts';
 import type { SetStateResult } from '../vfio/device.ts';
 import { VfioError } from '../vfio/errors.ts';
 import { recoveryStep, DEFAULT_RECOVERY_TIMEOUT_MS } from './recover.ts';
+import { prewarm } from '../host/sys.ts';
 
 /** What the coordinator needs of a device; VfioDevice implements it. */
 export interface MigrationDevice {
@@ -140,6 +141,10 @@ export class Coordinator {
         );
       }
     }
+    // One blocking-call thread per device before the first arc: the arcs of N devices
+    // then really run at once on the real kernel, and thread start-up is paid here, not
+    // inside the downtime (a no-op on the fake kernel).
+    await prewarm(members.length);
     return new Coordinator(members, opts);
   }
 
@@ -192,7 +197,10 @@ export class Coordinator {
       this.timeline.push({ ...entry, start: queued, end: this.#now(), result });
       if (err instanceof ArcTimeout) {
         m.hung = true;
-        m.late = this.#lateReturn(m, running, entry.phase);
+        const late: Promise<void> = this.#lateReturn(m, running, entry.phase).finally(() => {
+          if (m.late === late) m.late = undefined;
+        });
+        m.late = late;
       }
       throw err;
     } finally {
@@ -227,11 +235,20 @@ export class Coordinator {
    * devices after a failure, so that a slow device is not left stopped.
    */
   async settled(timeoutMs = this.#rollbackTimeoutMs): Promise<string[]> {
-    const pending = this.#members.filter((m) => m.late).map((m) => m.late!);
-    if (pending.length) {
+    const deadline = performance.now() + timeoutMs;
+    // A late device's own walk back may time out and return late again: loop until no
+    // device is hung or the time is up.
+    for (;;) {
+      const pending = this.#members.filter((m) => m.late).map((m) => m.late!);
+      const left = deadline - performance.now();
+      if (pending.length === 0 || left <= 0) break;
       let timer: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.allSettled(pending), new Promise((resolve) => (timer = setTimeout(resolve, timeoutMs)))]);
+      const timedOut = await Promise.race([
+        Promise.allSettled(pending).then(() => false),
+        new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), left))),
+      ]);
       clearTimeout(timer);
+      if (timedOut) break;
     }
     return this.#members.filter((m) => m.hung).map((m) => m.dev.name);
   }
