@@ -1,8 +1,8 @@
 // The kernel's VFIO / iommufd user API as this project uses it: ioctl numbers, feature
 // ids, flags, enums and struct layouts, plus Buffer encoders/decoders.
 //
-// Every value here is restated from include/uapi/linux/vfio.h and iommufd.h (see
-// ../shared/spec/vfio-migration-uapi.md); test/unit/abi.test.ts compiles
+// Every value here is restated from include/uapi/linux/vfio.h and iommufd.h (the
+// kernel's Documentation and the header comments are the contract); test/unit/abi.test.ts compiles
 // native/abi-probe against the system header (and the rig kernel's 6.12 header) and
 // fails when any of these numbers or offsets disagrees with it.
 //
