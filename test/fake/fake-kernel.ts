@@ -7,6 +7,13 @@
 // reset, and fd accounting. It also writes the matching sysfs tree into a temp dir.
 // The same conformance suite (test/conformance/) runs against it and against the real
 // kernel in the rig, which holds this fake to the kernel.
+//
+// The state machine is the fake's own transcription of the kernel's (./kernel-fsm.ts),
+// never src/vfio/fsm.ts: the suite then compares two independent sources.
+//
+// Like a Linux process, the fake hands out the lowest free fd number (from 3: 0-2 are
+// stdio), so a close followed by an open reuses the number; a closed fd is EBADF
+// (poll reports POLLNVAL, as poll(2) does).
 
 import { mkdtempSync, mkdirSync, writeFileSync, symlinkSync, rmSync, existsSync, readdirSync, readlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -16,7 +23,25 @@ import { type Syscalls, type IoctlArg, SysError } from '../../src/host/sys.ts';
 import { Errno } from '../../src/host/errno.ts';
 import * as U from '../../src/vfio/uapi.ts';
 import { MigState, parseMigState } from '../../src/vfio/uapi.ts';
-import { nextHop, arcOpensSession, arcClosesSession, type Arc } from '../../src/vfio/fsm.ts';
+import { vfioMigGetNextState, driverArcAction, kernelStateName } from './kernel-fsm.ts';
+
+interface Arc {
+  from: MigState;
+  to: MigState;
+}
+
+/**
+ * Thrown when a caller sends what makes an unfixed kernel (6.12 included) spin forever
+ * in vfio_mig_get_next_state(): SET STOP_COPY -> PRE_COPY(_P2P) on a PRE_COPY device.
+ * The real call never returns (soft lockup, the driver's state mutex held); the fake
+ * fails the test loudly instead.
+ */
+export class FakeKernelLockup extends Error {
+  constructor(from: number, to: number) {
+    super(`fake kernel: SET ${kernelStateName(from)} -> ${kernelStateName(to)} spins forever in vfio_mig_get_next_state() on kernels without the 2026 fix (soft lockup) - it must never be sent`);
+    this.name = 'FakeKernelLockup';
+  }
+}
 
 export interface FailureInjection {
   from: MigState;
@@ -57,6 +82,13 @@ export interface FakeDeviceSpec {
   validatesData?: boolean;
   vendor?: string;
   deviceId?: string;
+  /**
+   * The migration state the next open finds after the last close. 'kept' (default): the
+   * mtty sample's close_device only disables the migration files, the state persists
+   * (a device closed in STOP is still in STOP when reopened). 'running': drivers whose
+   * open_device/close_device return to RUNNING (mlx5, hisi_acc, our edu-vfio-pci).
+   */
+  stateOnReopen?: 'kept' | 'running';
 }
 
 export interface ArcRecord {
@@ -91,7 +123,7 @@ interface ResumingSession {
 type Session = SavingSession | ResumingSession;
 
 export class FakeDevice {
-  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags' | 'validatesData'>> & { validatesData: boolean } & { flags: bigint | undefined; fsmFlags: number | undefined };
+  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags' | 'validatesData' | 'stateOnReopen'>> & { validatesData: boolean; stateOnReopen: 'kept' | 'running' } & { flags: bigint | undefined; fsmFlags: number | undefined };
   state: MigState = MigState.Running;
   payload: Buffer;
   /** Identity of the state content; travels with the stream like the edu driver's seed. */
@@ -124,6 +156,7 @@ export class FakeDevice {
       cdev: spec.cdev ?? false,
       fsmFlags: spec.fsmFlags,
       validatesData: spec.validatesData ?? true,
+      stateOnReopen: spec.stateOnReopen ?? 'kept',
     };
     this.seed = this.spec.seed;
     this.payload = derivePayload(this.seed, this.spec.stateSize);
@@ -135,6 +168,11 @@ export class FakeDevice {
 
   get migratable(): boolean {
     return this.spec.flags !== undefined;
+  }
+
+  /** An mdev (named by UUID, like mtty) rather than a vfio-pci-core PCI function. */
+  get isMdev(): boolean {
+    return this.spec.id.includes('-');
   }
 
   /** A digest of the logical device state, to compare source and destination. */
@@ -184,7 +222,15 @@ type FdEntry =
 export interface FakeKernelOptions {
   /** Offer /dev/vfio/devices and /dev/iommu (CONFIG_VFIO_DEVICE_CDEV). */
   cdev?: boolean;
+  /**
+   * vfio_mig_get_next_state() with the 2026 fix: STOP_COPY -> PRE_COPY(_P2P) fails with
+   * EINVAL. Default false, like the rig's 6.12: the request spins (FakeKernelLockup).
+   */
+  fixedNextState?: boolean;
 }
+
+/** fds 0-2 are the process's stdio; the first fd a process opens is 3. */
+const FIRST_FD = 3;
 
 export class FakeKernel implements Syscalls {
   readonly root: string;
@@ -197,16 +243,17 @@ export class FakeKernel implements Syscalls {
   /** Every arc and reset of every device, in the order they completed. */
   readonly events: { device: string; from: MigState; to: MigState; errno: number; kind: 'arc' | 'reset' }[] = [];
   #fds = new Map<number, FdEntry>();
-  #nextFd = 100;
   #nextGroup = 10;
   #cdevCount = 0;
   readonly cdev: boolean;
+  readonly fixedNextState: boolean;
 
   constructor(opts: FakeKernelOptions = {}) {
     this.root = mkdtempSync(join(tmpdir(), 'vfio-mig-fake-'));
     this.sysfsRoot = join(this.root, 'sys');
     this.devRoot = join(this.root, 'dev');
     this.cdev = opts.cdev ?? false;
+    this.fixedNextState = opts.fixedNextState ?? false;
     for (const d of ['bus/pci/devices', 'bus/pci/drivers', 'bus/mdev/devices', 'kernel/iommu_groups', 'devices']) {
       mkdirSync(join(this.sysfsRoot, d), { recursive: true });
     }
@@ -303,10 +350,17 @@ export class FakeKernel implements Syscalls {
 
   // --------------------------------------------------------------- Syscalls ------
 
+  /** The lowest free fd number, as Linux allocates them (get_unused_fd_flags). */
   #alloc(entry: FdEntry): number {
-    const fd = this.#nextFd++;
+    let fd = FIRST_FD;
+    while (this.#fds.has(fd)) fd++;
     this.#fds.set(fd, entry);
     return fd;
+  }
+
+  /** Whether an fd number is open in the fake (tests of fd reuse). */
+  isOpenFd(fd: number): boolean {
+    return this.#fds.has(fd);
   }
 
   #entry(fd: number, op: string): FdEntry {
@@ -347,6 +401,10 @@ export class FakeKernel implements Syscalls {
   close(fd: number): void {
     const e = this.#entry(fd, 'close');
     this.#fds.delete(fd);
+    // Closing a data fd changes nothing in the device: the driver holds its own
+    // reference to the migration file (get_file), so the session - and the state - stay
+    // until the state is left, the device is reset or closed. Only the caller's handle
+    // on the stream is gone (GET never returns the fd again).
     if (e.kind === 'group') this.groupsOpen.delete(e.group);
     if (e.kind === 'device') {
       const d = e.device;
@@ -354,9 +412,14 @@ export class FakeKernel implements Syscalls {
         d.opened--;
         if (e.viaCdev) d.cdevOpens--;
         if (d.opened === 0) {
-          // close_device: sessions end, the driver returns to RUNNING, opt-ins are cleared.
+          // close_device. mtty's (mtty_close) only disables the migration files: the
+          // migration state is NOT reset and the next open finds it unchanged (a device
+          // closed in STOP reopens in STOP). vfio-pci-core drivers (mlx5, hisi_acc, our
+          // edu) instead return to RUNNING in open_device/close_device: stateOnReopen
+          // 'running'. The fake follows mtty by default. The precopy-info v2 opt-in is
+          // cleared on close (vfio-pci-core), and an arc hung in the driver ends.
           this.#endSession(d);
-          d.state = MigState.Running;
+          if (d.spec.stateOnReopen === 'running') d.state = MigState.Running;
           d.precopyV2 = false;
           for (const release of d.hung.splice(0)) release();
         }
@@ -387,13 +450,18 @@ export class FakeKernel implements Syscalls {
     }
   }
 
-  async ioctlAsync(fd: number, request: number, arg?: Buffer): Promise<number> {
-    this.ioctlLog.push({ fd, request });
-    const e = this.#entry(fd, 'ioctl');
-    if (e.kind === 'device') return this.#deviceIoctl(e, request, arg, true);
-    await new Promise((r) => setImmediate(r));
-    this.ioctlLog.pop();
-    return this.ioctl(fd, request, arg);
+  async ioctlAsync(fd: number, request: number, arg?: Buffer, timing?: { issuedAt?: number; returnedAt?: number }): Promise<number> {
+    if (timing) timing.issuedAt = performance.now();
+    try {
+      this.ioctlLog.push({ fd, request });
+      const e = this.#entry(fd, 'ioctl');
+      if (e.kind === 'device') return await this.#deviceIoctl(e, request, arg, true);
+      await new Promise((r) => setImmediate(r));
+      this.ioctlLog.pop();
+      return this.ioctl(fd, request, arg);
+    } finally {
+      if (timing) timing.returnedAt = performance.now();
+    }
   }
 
   async read(fd: number, buf: Buffer, length: number): Promise<number> {
@@ -436,7 +504,8 @@ export class FakeKernel implements Syscalls {
   }
 
   async poll(fd: number, events: number, _timeoutMs: number): Promise<number> {
-    this.#entry(fd, 'poll');
+    // poll(2) does not fail on a closed fd: it reports POLLNVAL in revents.
+    if (!this.#fds.has(fd)) return 0x20 /* POLLNVAL */;
     return events;
   }
 
@@ -627,7 +696,9 @@ export class FakeKernel implements Syscalls {
         if (check(U.FeatureFlag.SET, 0)) d.precopyV2 = true;
         return 0;
       default:
-        throw new SysError('ioctl', Errno.ENOTTY);
+        // vfio_ioctl_device_feature(): "if (!device->ops->device_feature) return -EINVAL"
+        // (mdevs such as mtty have no device_feature op); vfio-pci-core's answers ENOTTY.
+        throw new SysError('ioctl', d.isMdev ? Errno.EINVAL : Errno.ENOTTY);
     }
   }
 
@@ -661,12 +732,17 @@ export class FakeKernel implements Syscalls {
     return 0;
   }
 
-  /** The driver's loop: compute one hop at a time from the current state. */
+  /**
+   * The driver's loop (mtty_set_state()): while (state != new_state) { next =
+   * vfio_mig_get_next_state(); step; state = next; }. Requesting the current state is a
+   * successful no-op that validates nothing (even ERROR while in ERROR).
+   */
   *#steps(d: FakeDevice, target: number): Generator<Arc> {
     while (d.state !== target) {
-      const hop = nextHop(d.state, target, d.spec.fsmFlags ?? d.flags);
-      if (!hop.ok) throw new SysError('ioctl', Errno.EINVAL);
-      yield { from: d.state, to: hop.next };
+      const hop = vfioMigGetNextState(d.state, target, d.spec.fsmFlags ?? d.flags, { fixed: this.fixedNextState });
+      if ('spins' in hop) throw new FakeKernelLockup(d.state, target);
+      if (hop.rc !== 0) throw new SysError('ioctl', Errno.EINVAL);
+      yield { from: d.state, to: hop.next as MigState };
     }
   }
 
@@ -683,9 +759,13 @@ export class FakeKernel implements Syscalls {
       }
       throw new SysError('ioctl', injected.errno);
     }
-    const opens = arcOpensSession(arc);
-    if (arcClosesSession(arc)) {
-      if (arc.from === MigState.Resuming) {
+    const action = driverArcAction(arc.from, arc.to);
+    if (action === 'unexpected') throw new SysError('ioctl', Errno.EINVAL); // WARN_ON(true)
+    // Only the final arc may return a file: WARN_ON(ret && new_state != next_state).
+    const opens = action === 'open-saving' ? 'saving' : action === 'open-resuming' ? 'resuming' : undefined;
+    if (opens && arc.to !== target) throw new SysError('ioctl', Errno.EINVAL);
+    if (action === 'close' || action === 'load-and-close') {
+      if (action === 'load-and-close') {
         const s = d.session;
         const ok = s?.kind === 'resuming' && this.#commitResume(d, s);
         if (!ok) {
@@ -700,7 +780,7 @@ export class FakeKernel implements Syscalls {
       }
       this.#endSession(d);
     }
-    if (arc.to === MigState.StopCopy && d.session?.kind === 'saving' && !opens) {
+    if (action === 'continue-saving' && d.session?.kind === 'saving') {
       // PRE_COPY(_P2P) -> STOP_COPY: the same fd continues with the final part.
       const s = d.session;
       const tail = Buffer.concat([derivePayload(d.seed + 7, d.dirtyPending)]);
@@ -724,7 +804,7 @@ export class FakeKernel implements Syscalls {
         session = { kind: 'saving', device: d, bytes, initialLength: initial.length, pos: 0, final: !precopy, disabled: false };
       }
       d.session = session;
-      if (arc.to === target) payload.writeInt32LE(this.#alloc({ kind: 'data', session }), 4);
+      payload.writeInt32LE(this.#alloc({ kind: 'data', session }), 4);
     }
     return 'ok';
   }
@@ -732,9 +812,12 @@ export class FakeKernel implements Syscalls {
   #commitResume(d: FakeDevice, s: ResumingSession): boolean {
     const all = Buffer.concat(s.chunks);
     if (!d.spec.validatesData) {
-      // Takes the declared length at face value and never looks at the checksum.
-      const len = all.length >= HEADER ? all.readUInt32LE(12) : 0;
-      d.payload = Buffer.from(all.subarray(Math.min(HEADER, all.length), Math.min(all.length, HEADER + len)));
+      // Like mtty_load_state(): only "enough bytes for my own state size?" is checked
+      // (short data: EINVAL, the device stays in RESUMING); the content and the checksum
+      // are taken at face value, so a flipped byte is loaded as is.
+      if (all.length < HEADER + d.spec.stateSize + TRAILER) return false;
+      d.payload = Buffer.from(all.subarray(HEADER, HEADER + d.spec.stateSize));
+      d.seed = Number(all.readBigUInt64LE(16));
       return true;
     }
     if (all.length < HEADER + TRAILER || !all.subarray(0, 8).equals(MAGIC)) return false;
@@ -752,12 +835,18 @@ export class FakeKernel implements Syscalls {
     d.session = undefined;
   }
 
+  /**
+   * VFIO_MIG_GET_PRECOPY_INFO in the drivers' order of checks (mtty_precopy_ioctl,
+   * mlx5vf_precopy_ioctl): cmd (ENOTTY), argsz (EINVAL), device state not PRE_COPY(_P2P)
+   * (EINVAL), disabled file (ENODEV). A resuming file has no ioctl op at all (ENOTTY).
+   */
   #dataIoctl(s: Session, request: number, arg?: IoctlArg): number {
-    if (request !== U.Ioctl.MIG_GET_PRECOPY_INFO) throw new SysError('ioctl', Errno.ENOTTY);
-    if (s.disabled) throw new SysError('ioctl', Errno.ENODEV);
-    if (!Buffer.isBuffer(arg) || arg.readUInt32LE(0) < 24) throw new SysError('ioctl', Errno.EINVAL);
+    if (s.kind !== 'saving' || request !== U.Ioctl.MIG_GET_PRECOPY_INFO) throw new SysError('ioctl', Errno.ENOTTY);
+    if (!Buffer.isBuffer(arg) || arg.length < 24) throw new SysError('ioctl', Errno.EFAULT);
+    if (arg.readUInt32LE(0) < 24) throw new SysError('ioctl', Errno.EINVAL);
     const d = s.device;
-    if (s.kind !== 'saving' || (d.state !== MigState.PreCopy && d.state !== MigState.PreCopyP2P)) throw new SysError('ioctl', Errno.EINVAL);
+    if (d.state !== MigState.PreCopy && d.state !== MigState.PreCopyP2P) throw new SysError('ioctl', Errno.EINVAL);
+    if (s.disabled) throw new SysError('ioctl', Errno.ENODEV);
     const initial = Math.max(0, s.initialLength - s.pos);
     // Legacy drivers copy the struct in and never clear flags: the caller's flags echo back.
     const flags = d.precopyV2 ? 0 : arg.readUInt32LE(4);

@@ -153,6 +153,7 @@ test.serial('setState returns a data fd only for session-opening arcs and tracks
   t.is(d.openDataFds, 1);
   const noop = await d.setState(MigState.StopCopy);
   t.is(noop.dataFd, undefined, 'requesting the current state is a no-op without a new fd');
+  await d.setState(MigState.Running); // the state outlives close (mtty); later tests start in RUNNING
   await d.close();
   t.true(sc.dataFd!.closed, 'close() releases data fds the caller still held');
   t.is(fake.openFdCount(), 0);
