@@ -4,8 +4,8 @@
 // the file system. The roots come from $VFIO_MIG_SYSFS (default /sys) and
 // $VFIO_MIG_DEV (default /dev) so tests can point them at fake trees.
 
-import { readFileSync, readdirSync, readlinkSync, existsSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { readFileSync, readdirSync, readlinkSync, realpathSync, existsSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 
 export class InvalidDeviceIdError extends Error {
   readonly input: string;
@@ -24,6 +24,8 @@ const EXPECTED: Record<string, string> = {
   'driver name': 'a driver name ([A-Za-z0-9_-], at most 64 characters)',
   'IOMMU group': 'a decimal group number',
   'module name': 'a kernel module name ([A-Za-z0-9_-], starting with a letter or digit, at most 64 characters)',
+  'mdev parent': 'an mdev parent name from /sys/class/mdev_bus ([A-Za-z0-9_.:+-], at most 64 characters)',
+  'mdev type': 'an mdev type name like mtty-2 ([A-Za-z0-9_.:+-], at most 64 characters)',
 };
 
 const BDF = /^([0-9a-fA-F]{4}):([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.([0-7])$/;
@@ -328,4 +330,119 @@ export function virtfnsOf(bdf: string): string[] {
     if (target !== undefined && isBdf(target)) vfs.push([Number(m[1]), target.toLowerCase()]);
   }
   return vfs.sort((a, b) => a[0] - b[0]).map((v) => v[1]);
+}
+
+// Compatibility facts: mdev parents and types, driver modules, migration_version ----
+// Used by src/compat. An mdev parent is named as in /sys/class/mdev_bus/<name>: a PCI
+// address for PCI parents (GPUs, VFs), a class device name for others (mtty's "mtty").
+// A type is the directory name under the parent's mdev_supported_types (mtty-2,
+// nvidia-63, i915-GVTg_V5_4).
+
+const MDEV_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}$/;
+const SUBDIR = /^[a-z0-9_]{1,32}$/;
+
+export function parseMdevParent(input: string): string {
+  if (typeof input !== 'string' || !MDEV_NAME.test(input)) throw new InvalidDeviceIdError(String(input), 'mdev parent');
+  return input;
+}
+
+export function parseMdevType(input: string): string {
+  if (typeof input !== 'string' || !MDEV_NAME.test(input)) throw new InvalidDeviceIdError(String(input), 'mdev type');
+  return input;
+}
+
+/** /sys/class/mdev_bus/<parent>: a link to the parent device's directory. */
+export function mdevParentDir(parent: string): string {
+  return join(sysfsRoot(), 'class', 'mdev_bus', parseMdevParent(parent));
+}
+
+/** /sys/class/mdev_bus/<parent>/mdev_supported_types/<type>/<attr> */
+export function mdevTypeAttrPath(parent: string, type: string, attr: string): string {
+  if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');
+  return join(mdevParentDir(parent), 'mdev_supported_types', parseMdevType(type), attr);
+}
+
+/** Every mdev parent of the host, sorted. */
+export function listMdevParents(): string[] {
+  try {
+    return readdirSync(join(sysfsRoot(), 'class', 'mdev_bus')).filter((n) => MDEV_NAME.test(n)).sort();
+  } catch {
+    return [];
+  }
+}
+
+/** The mdev types a parent offers, sorted. */
+export function mdevTypesOf(parent: string): string[] {
+  try {
+    return readdirSync(join(mdevParentDir(parent), 'mdev_supported_types')).filter((n) => MDEV_NAME.test(n)).sort();
+  } catch {
+    return [];
+  }
+}
+
+/** An mdev's parent: the device whose directory holds the mdev's (and its type's) directory. */
+export function mdevParentOf(id: DeviceId): string | undefined {
+  if (id.kind !== 'mdev') return undefined;
+  try {
+    const name = basename(dirname(realpathSync(deviceDir(id))));
+    return MDEV_NAME.test(name) ? name : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** The module of the driver a device is bound to (the driver's `module` link; PCI or mdev bus). */
+export function driverModuleOf(id: DeviceId): string | undefined {
+  const name = readLinkBase(join(deviceDir(id), 'driver', 'module'));
+  return name !== undefined && MODULE.test(name) ? name : undefined;
+}
+
+/** /sys/module/<module>/<attr> (srcversion, version, ...), trimmed; undefined when absent. */
+export function readModuleAttr(module: string, attr: string): string | undefined {
+  if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');
+  try {
+    return readFileSync(join(sysfsRoot(), 'module', parseModuleName(module), attr), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** /sys/module/<module>/notes/.note.gnu.build-id: the module binary's ELF build-id note (root only). */
+export function moduleBuildIdNotePath(module: string): string {
+  return join(sysfsRoot(), 'module', parseModuleName(module), 'notes', '.note.gnu.build-id');
+}
+
+/** Path of a device attribute, optionally in one sub-directory (`nvidia/current_vgpu_type`). */
+export function deviceAttrPath(id: DeviceId, attr: string, subdir?: string): string {
+  if (!ATTR.test(attr)) throw new InvalidDeviceIdError(attr, 'attribute name');
+  if (subdir !== undefined && !SUBDIR.test(subdir)) throw new InvalidDeviceIdError(subdir, 'attribute name');
+  return subdir === undefined ? join(deviceDir(id), attr) : join(deviceDir(id), subdir, attr);
+}
+
+/** Names in a device sub-directory (e.g. the IB devices under `infiniband/`), sorted. */
+export function deviceSubdirEntries(id: DeviceId, subdir: string): string[] {
+  if (!SUBDIR.test(subdir)) throw new InvalidDeviceIdError(subdir, 'attribute name');
+  try {
+    return readdirSync(join(deviceDir(id), subdir)).filter((n) => MDEV_NAME.test(n)).sort();
+  } catch {
+    return [];
+  }
+}
+
+/** Reads `<device>/<subdir>/<entry>/<attr>` (e.g. infiniband/mlx5_0/fw_ver), trimmed. */
+export function readDeviceNestedAttr(id: DeviceId, subdir: string, entry: string, attr: string): string | undefined {
+  if (!SUBDIR.test(subdir) || !MDEV_NAME.test(entry) || !ATTR.test(attr)) throw new InvalidDeviceIdError(`${subdir}/${entry}/${attr}`, 'attribute name');
+  try {
+    return readFileSync(join(deviceDir(id), subdir, entry, attr), 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
+
+/** The driver of an mdev parent and its module (mtty's parent has none: a virtual class device). */
+export function mdevParentDriver(parent: string): { driver: string | undefined; module: string | undefined } {
+  const dir = mdevParentDir(parent);
+  const driver = readLinkBase(join(dir, 'driver'));
+  const module = driver === undefined ? undefined : readLinkBase(join(dir, 'driver', 'module'));
+  return { driver: driver !== undefined && DRIVER.test(driver) ? driver : undefined, module: module !== undefined && MODULE.test(module) ? module : undefined };
 }
