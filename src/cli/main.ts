@@ -11,11 +11,14 @@ interface Subcommand {
 const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   devices: () => import('./devices.ts'),
   qualify: () => import('./qualify.ts'),
+  probe: () => import('./probe.ts'),
   drivers: () => import('./drivers.ts'),
   bind: () => import('./bind.ts'),
   unbind: () => import('./unbind.ts'),
   qmp: () => import('./qmp.ts'),
   events: () => import('./events.ts'),
+  watch: () => import('./watch.ts'),
+  report: () => import('./report.ts'),
 };
 
 // One line per command; kept here (not taken from the lazily loaded modules) so that
@@ -23,6 +26,8 @@ const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
 const HELP_LINES = [
   'vfio-mig devices [--json]              list VFIO-bound devices and their migration capability',
   'vfio-mig qualify <device>... [--json]  walk every migration arc of idle devices; verdict',
+  'vfio-mig probe <device>... [--json]    cache idle devices\' migration flags, MIG_DATA_SIZE, descriptor',
+  'vfio-mig probe --show [<device>...]    show cached capabilities and whether they are still valid',
   'vfio-mig drivers [--json]              every PCI device: current driver, chosen driver and why',
   'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]',
   '                                       bind devices to their VFIO (variant) driver, whole IOMMU groups',
@@ -32,6 +37,10 @@ const HELP_LINES = [
   '                                       run one QMP command on a QEMU monitor socket, print its return as JSON',
   'vfio-mig events --socket PATH [--json] [--until EVENT] [--timeout S]',
   '                                       print QMP events as they arrive; stop at EVENT or after S seconds',
+  'vfio-mig watch --source-qmp PATH --dest-qmp PATH [--json] [--timeout S] [--timeline FILE]',
+  '                                       watch a QEMU-driven migration from both ends; check the ordering rules; verdict',
+  'vfio-mig report <timeline.json> [-o report.svg] [--json]',
+  '                                       summary (and SVG) of a watch or engine timeline',
 ];
 
 // Shared by every command; `qmp` and `events` use 1, 3 and 4 as their --help says.
@@ -39,6 +48,7 @@ const EXIT_LINES = [
   'exit codes: 0 success; 1 failed (qmp: QEMU refused the command, "<class>: <desc>" on stderr);',
   '            2 usage error; 3 qmp/events: transport (no socket, refused, closed, not QMP);',
   '            4 qmp/events: time limit reached (no greeting or reply; --until EVENT not seen)',
+  '            watch/report: 0 ok, 1 migration failed, 5 ordering rule broken',
 ];
 
 function help(): string {
