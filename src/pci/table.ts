@@ -37,9 +37,31 @@ export interface DriverTable {
   /** When a modules.alias match alone is enough to bind a device (see chooseDriver). */
   aliasPolicy: AliasPolicy;
   manageSriovAutoprobe: boolean;
+  /** The libvirt qemu hook's settings (the `hooks` section; docs/hooks.md); absent means DEFAULT_HOOKS. */
+  hooks?: HooksConfig;
 }
 
-export const DEFAULT_TABLE: DriverTable = Object.freeze({ source: undefined, rules: [], aliasPolicy: 'safe', manageSriovAutoprobe: true }) as DriverTable;
+export interface HooksConfig {
+  /** prepare: bind a hostdev to its chosen driver when it has another one (else refuse). */
+  bind: boolean;
+  /** migrate: add migration-events=on to each incoming VFIO hostdev (<qemu:override>). */
+  migrationEvents: boolean;
+  /** release: keep devices on their VFIO driver, or give them their previous driver back. */
+  releasePolicy: 'keep' | 'restore';
+  /** How long a device picked for an incoming migration stays reserved if the domain never starts. */
+  reservationSeconds: number;
+  timeouts: { prepareSeconds: number; migrateSeconds: number; releaseSeconds: number };
+}
+
+export const DEFAULT_HOOKS: HooksConfig = Object.freeze({
+  bind: true,
+  migrationEvents: false,
+  releasePolicy: 'keep',
+  reservationSeconds: 600,
+  timeouts: Object.freeze({ prepareSeconds: 60, migrateSeconds: 30, releaseSeconds: 60 }),
+}) as HooksConfig;
+
+export const DEFAULT_TABLE: DriverTable = Object.freeze({ source: undefined, rules: [], aliasPolicy: 'safe', manageSriovAutoprobe: true, hooks: DEFAULT_HOOKS }) as DriverTable;
 
 const MAX_CONFIG_BYTES = 1 << 20;
 
@@ -125,6 +147,25 @@ export function parseDriverTable(text: string, source: string): DriverTable {
     rules,
     aliasPolicy: (root.aliasPolicy as AliasPolicy | undefined) ?? 'safe',
     manageSriovAutoprobe: (root.manageSriovAutoprobe as boolean | undefined) ?? true,
+    hooks: parseHooks(root.hooks),
+  };
+}
+
+/** The `hooks` section (already validated against the schema), defaults filled in. */
+function parseHooks(raw: JsonValue | undefined): HooksConfig {
+  const h = (raw ?? {}) as { [k: string]: JsonValue };
+  const t = (h.timeouts ?? {}) as { [k: string]: JsonValue };
+  const num = (v: JsonValue | undefined, d: number): number => (typeof v === 'number' ? v : d);
+  return {
+    bind: typeof h.bind === 'boolean' ? h.bind : DEFAULT_HOOKS.bind,
+    migrationEvents: typeof h.migrationEvents === 'boolean' ? h.migrationEvents : DEFAULT_HOOKS.migrationEvents,
+    releasePolicy: h.releasePolicy === 'restore' ? 'restore' : 'keep',
+    reservationSeconds: num(h.reservationSeconds, DEFAULT_HOOKS.reservationSeconds),
+    timeouts: {
+      prepareSeconds: num(t.prepareSeconds, DEFAULT_HOOKS.timeouts.prepareSeconds),
+      migrateSeconds: num(t.migrateSeconds, DEFAULT_HOOKS.timeouts.migrateSeconds),
+      releaseSeconds: num(t.releaseSeconds, DEFAULT_HOOKS.timeouts.releaseSeconds),
+    },
   };
 }
 

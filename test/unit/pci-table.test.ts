@@ -76,7 +76,7 @@ test('every kind of mistake is caught with a useful message', (t) => {
   const cases: Array<[unknown, RegExp, string]> = [
     [{ rules: [] }, /missing required field "version"/, '(document)'],
     [{ version: 2 }, /must be 1, found 2/, 'version'],
-    [{ version: 1, rule: [] }, /unknown field "rule" \(known: \$schema, version, aliasPolicy, manageSriovAutoprobe, rules\)/, 'rule'],
+    [{ version: 1, rule: [] }, /unknown field "rule" \(known: \$schema, version, aliasPolicy, manageSriovAutoprobe, rules, hooks\)/, 'rule'],
     [{ version: 1, aliasPolicy: 'always' }, /must be one of "safe", "all", "off"/, 'aliasPolicy'],
     [{ version: 1, rules: {} }, /expected an array/, 'rules'],
     [{ version: 1, rules: [{ vendor: '15b3', device: '101e' }] }, /needs exactly one of "driver", "exclude"/, 'rules[0]'],
