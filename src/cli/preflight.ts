@@ -1,0 +1,206 @@
+// vfio-mig preflight <domain> --to <libvirt-uri> [--json]: can this VM migrate there, and
+// with what downtime? Every check (src/compat/preflight) gives pass, warn or fail and one
+// sentence of advice. Exit 0 / 1 / 2 for pass / warnings / fail.
+// vfio-mig preflight --xml FILE: the same for a domain definition, with this host as the
+// destination (what the destination's migrate hook will be asked to accept).
+//
+// The source domain is read through libvirt (its live XML, its QEMU through the monitor
+// pass-through: queries only); the destination's facts come from the destination's own
+// vfio-mig (src/compat/preflight/peer.ts). --print-xml FILE writes the destination XML
+// (compatible devices substituted, the vfio-mig metadata embedded) for
+// `virsh migrate --xml FILE --persistent-xml FILE.persistent`.
+
+import { readFileSync, writeFileSync } from 'node:fs';
+import { parseArgs, UsageError } from './args.ts';
+import { table } from './table.ts';
+import type { Check, PreflightReport } from '../compat/preflight/types.ts';
+import type { PreflightDeps, PreflightOptions, PreflightResult } from '../compat/preflight/run.ts';
+import type { Answer } from '../compat/preflight/qmp-facts.ts';
+
+export const usage = [
+  'vfio-mig preflight <domain> --to <libvirt-uri> [--json] [--connect URI] [--postcopy] [--parallel]',
+  '                   [--link-gbps N] [--dest-facts FILE] [--print-xml FILE] [--timeout S]',
+  '       vfio-mig preflight --xml FILE [--connect URI] [--json]',
+].join('\n');
+
+const VERDICT = { pass: 'PASS', warn: 'WARN', fail: 'FAIL' } as const;
+
+function answer<T>(f: () => T): Answer<T> {
+  try {
+    return { ok: true, value: f() };
+  } catch (err) {
+    return { ok: false, error: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+function positiveNumber(name: string, raw: string | undefined, max: number): number | undefined {
+  if (raw === undefined) return undefined;
+  const n = Number(raw);
+  if (!Number.isFinite(n) || n <= 0 || n > max) throw new UsageError(`--${name} must be a number above 0 and at most ${max}`);
+  return n;
+}
+
+async function defaultDeps(timeoutMs: number): Promise<PreflightDeps> {
+  const { compatPort } = await import('../compat/preflight/compat-port.ts');
+  const { collectHostFacts } = await import('../compat/preflight/collect.ts');
+  const { destinationFacts } = await import('../compat/preflight/peer.ts');
+  const compat = await compatPort();
+  return {
+    compat,
+    localFacts: (queries, uri) => collectHostFacts({ compat, queries, ...(uri ? { libvirtUri: uri } : {}) }),
+    destinationFacts: (req) => destinationFacts({ timeoutMs, ...req }),
+  };
+}
+
+export function renderTable(report: PreflightReport): string {
+  const rows = report.checks.map((c: Check) => [VERDICT[c.verdict], c.id, c.subject, c.detail]);
+  const lines = table(['VERDICT', 'CHECK', 'SUBJECT', 'FINDING'], rows).trimEnd().split('\n');
+  const pad = ' '.repeat(6);
+  const out: string[] = [`preflight of ${report.domain} -> ${report.destination}`, '', lines[0]!];
+  report.checks.forEach((c, i) => {
+    out.push(lines[i + 1]!);
+    out.push(`${pad}-> ${c.advice}`);
+  });
+  out.push('');
+  if (report.downtime) {
+    const d = report.downtime;
+    out.push(`downtime: ~${d.totalMs} ms predicted (devices ${d.deviceMs} ms + RAM ${d.ramMs} ms), limit ${d.limitMs} ms`);
+  }
+  if (report.destinationXml) {
+    const x = report.destinationXml;
+    out.push(`destination XML: ${x.file}${x.persistentFile ? `, persistent: ${x.persistentFile}` : ''}`);
+    for (const n of x.notes) out.push(`  ${n}`);
+    out.push(`  virsh migrate --live --xml ${x.file}${x.persistentFile ? ` --persistent --persistent-xml ${x.persistentFile}` : ''} ${report.domain} ${report.destination}`);
+  }
+  const counts = (['fail', 'warn', 'pass'] as const).map((v) => `${report.checks.filter((c) => c.verdict === v).length} ${v}`).join(', ');
+  out.push(`verdict: ${VERDICT[report.verdict]} (${counts}; exit ${report.exitCode})`);
+  return `${out.join('\n')}\n`;
+}
+
+function emit(out: NodeJS.WritableStream, json: boolean, report: PreflightReport): number {
+  out.write(json ? `${JSON.stringify(report, null, 2)}\n` : renderTable(report));
+  return report.exitCode;
+}
+
+let depsOverride: PreflightDeps | undefined;
+
+/** Tests: use these dependencies instead of the real host, compat layer and peer. */
+export function setPreflightDeps(deps: PreflightDeps | undefined): void {
+  depsOverride = deps;
+}
+
+export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number> {
+  const args = parseArgs(argv, { flags: ['json', 'postcopy', 'parallel'], options: ['to', 'xml', 'connect', 'link-gbps', 'dest-facts', 'print-xml', 'timeout'] });
+  const one = (name: string): string | undefined => args.options.get(name)?.at(-1);
+  const json = args.flags.has('json');
+  const timeoutS = positiveNumber('timeout', one('timeout'), 3600) ?? 30;
+  const deps = depsOverride ?? (await defaultDeps(timeoutS * 1000));
+  const run = await import('../compat/preflight/run.ts');
+  const xmlFile = one('xml');
+  const connect = one('connect');
+
+  if (xmlFile !== undefined) {
+    if (args.positional.length > 0 || one('to') !== undefined) throw new UsageError('--xml checks a definition against this host: no domain name and no --to');
+    let xml: string;
+    try {
+      xml = readFileSync(xmlFile, 'utf8');
+    } catch (e) {
+      throw new UsageError(`cannot read --xml ${xmlFile}: ${(e as Error).message}`);
+    }
+    let libvirt: Answer<string> | undefined;
+    let qemu: Answer<string> | undefined;
+    if (connect) {
+      const versions = await localVersions(connect);
+      libvirt = versions.libvirt;
+      qemu = versions.qemu;
+    }
+    const result = await run.preflightXml({ file: xmlFile, xml, ...(connect ? { uri: connect } : {}), libvirt, qemu }, deps);
+    return emit(out, json, result.report);
+  }
+
+  const [name, ...extra] = args.positional;
+  if (!name) throw new UsageError('which domain? (or --xml FILE)');
+  if (extra.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(extra[0])}`);
+  const to = one('to');
+  if (!to) throw new UsageError('--to <libvirt-uri> is required (the destination)');
+  const gbps = positiveNumber('link-gbps', one('link-gbps'), 10000);
+  const options: PreflightOptions = {
+    postcopy: args.flags.has('postcopy'),
+    parallel: args.flags.has('parallel'),
+    linkBytesPerSec: gbps !== undefined ? (gbps * 1e9) / 8 : run.DEFAULT_LINK_BYTES_PER_SEC,
+    linkAssumed: gbps === undefined,
+  };
+  const printXml = one('print-xml');
+  const destFacts = one('dest-facts');
+
+  const { Connection } = await import('../libvirt/binding.ts');
+  const sourceUri = connect ?? process.env.LIBVIRT_DEFAULT_URI ?? 'qemu:///system';
+  let conn: import('../libvirt/binding.ts').Connection;
+  try {
+    conn = Connection.open(sourceUri);
+  } catch (e) {
+    err.write(`vfio-mig preflight: cannot reach the source's libvirt: ${e instanceof Error ? e.message : String(e)}\n`);
+    return 2;
+  }
+  try {
+    const dom = conn.lookupDomain(name);
+    try {
+      const st = dom.state().state;
+      const running = st === 'running' || st === 'paused' || st === 'blocked';
+      const dest = answer(() => Connection.open(to));
+      const destination = {
+        uri: to,
+        libvirt: dest.ok ? answer(() => dest.value.libVersion()) : dest,
+        qemu: dest.ok ? answer(() => dest.value.hypervisorVersion()) : dest,
+      };
+      if (dest.ok) dest.value.close();
+      const result: PreflightResult = await run.preflightDomain(
+        {
+          name,
+          xml: dom.xml(),
+          running,
+          qmp: running ? dom : undefined,
+          sourceLibvirt: answer(() => conn.libVersion()),
+          destination,
+          ...(destFacts ? { destFactsFile: destFacts } : {}),
+          options,
+        },
+        deps,
+      );
+      if (printXml) {
+        const notes: string[] = [];
+        const live = await run.rewriteXml(dom.xml({ migratable: true }), result, deps.compat);
+        writeFileSync(printXml, live.xml);
+        notes.push(...live.notes);
+        let persistentFile: string | undefined;
+        const inactive = answer(() => dom.xml({ inactive: true, migratable: true }));
+        if (inactive.ok) {
+          persistentFile = `${printXml}.persistent`;
+          writeFileSync(persistentFile, (await run.rewriteXml(inactive.value, result, deps.compat)).xml);
+        }
+        if (result.report.verdict === 'fail') notes.push('the preflight failed: migrating with this XML will fail the same way');
+        result.report.destinationXml = { file: printXml, ...(persistentFile ? { persistentFile } : {}), notes };
+      }
+      return emit(out, json, result.report);
+    } finally {
+      dom.dispose();
+    }
+  } catch (e) {
+    if (e instanceof UsageError) throw e;
+    err.write(`vfio-mig preflight: ${e instanceof Error ? e.message : String(e)}\n`);
+    return 2;
+  } finally {
+    conn.close();
+  }
+}
+
+async function localVersions(uri: string): Promise<{ libvirt: Answer<string>; qemu: Answer<string> }> {
+  const { Connection } = await import('../libvirt/binding.ts');
+  const c = answer(() => Connection.open(uri));
+  if (!c.ok) return { libvirt: c, qemu: c };
+  try {
+    return { libvirt: answer(() => c.value.libVersion()), qemu: answer(() => c.value.hypervisorVersion()) };
+  } finally {
+    c.value.close();
+  }
+}
