@@ -1,8 +1,11 @@
 #!/usr/bin/env node
-// Entry point of the installed `vfio-mig` command: loads the TypeScript sources through
-// tsx's ESM loader (no build step), then hands over to src/cli/main.ts.
-import { register } from 'tsx/esm/api';
+// Entry point of the installed `vfio-mig` command: runs the bundle in dist/js/ (see
+// bin/launch.mjs for when it runs the TypeScript sources instead), then hands over to
+// src/cli/main.ts's main().
+import { dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { load } from './launch.mjs';
 
-register();
-const { main } = await import('../src/cli/main.ts');
+const root = dirname(dirname(fileURLToPath(import.meta.url)));
+const { main } = await load(root, 'vfio-mig.mjs', 'src/cli/main.ts');
 process.exitCode = await main(process.argv.slice(2));

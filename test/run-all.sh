@@ -16,6 +16,11 @@ if [ ! -d node_modules/ava ] || [ ! -d node_modules/koffi ] || [ package-lock.js
   npm ci --no-audit --no-fund || { echo "npm ci failed"; echo "0 passed, 1 failed"; exit 1; }
 fi
 
+# The CLI and the hooks run the esbuild bundles in dist/ (npm ci builds them through the
+# `prepare` script; build again so the suites never run a bundle older than src/).
+say "build (dist/: the bundles the CLI and the hooks run)"
+npm run --silent build; record build $?
+
 # Debian packages (QEMU 10 and libvirt 11.3 from bookworm-backports, busybox, kmod, ...)
 # before any suite, so the unit tests that load libvirt0 find it too. The rig's kernel
 # and modules are fetched by test/rig/run.sh itself.

@@ -15,10 +15,19 @@ export async function run(argv: string[], out: NodeJS.WritableStream): Promise<n
   const all = args.flags.has('all');
   if (all && devices.length) throw new UsageError('give --all or --device, not both');
   if (!all && devices.length === 0) throw new UsageError('give --all or --device BDF');
-  const report = await bind({ all, devices, dryRun: args.flags.has('dry-run') });
+  const dryRun = args.flags.has('dry-run');
+  const probe = !dryRun && process.env.VFIO_MIG_PROBE_ON_BIND !== '0';
+  const report = await bind({ all, devices, dryRun, ...(probe ? { afterBind: probeOnBind } : {}) });
   if (args.flags.has('json')) out.write(`${JSON.stringify(report, null, 2)}\n`);
   else out.write(render(report, all));
   return report.ok ? 0 : 1;
+}
+
+// A device just bound to a VFIO driver is idle: the one moment its migration
+// capabilities can be read before a VM holds it. Cached for preflight and the hooks
+// (src/compat/cache.ts); VFIO_MIG_PROBE_ON_BIND=0 turns this off.
+async function probeOnBind(bdf: string): Promise<string> {
+  return (await import('../compat/probe.ts')).probeAfterBind(bdf);
 }
 
 export function render(report: BindReport, all: boolean): string {

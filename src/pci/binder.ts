@@ -33,6 +33,14 @@ export interface BinderOptions {
   modprobeTimeoutMs?: number;
   /** How long to wait for the `driver` link after drivers_probe (async probing drivers). */
   probeWaitMs?: number;
+  /**
+   * Runs for each device this run bound to a VFIO driver, after its whole IOMMU group is
+   * bound. `vfio-mig bind` probes and caches the device's migration capabilities here
+   * (src/compat is above src/pci, so the binder takes a callback instead of importing
+   * it). Its line goes to the result's `afterBind`; a throw is recorded there and never
+   * fails the bind.
+   */
+  afterBind?: (bdf: string, driver: string) => Promise<string | void>;
 }
 
 export interface BindOptions extends BinderOptions {
@@ -60,6 +68,8 @@ export interface BindResult {
   /** Dry run: what would be done, in order. */
   steps?: string[];
   error?: string;
+  /** What the after-bind hook reported (e.g. the capability probe). */
+  afterBind?: string;
 }
 
 export interface PfResult {
@@ -399,6 +409,19 @@ async function bindGroup(members: Planned[], state: BindingState, o: BinderOptio
       }
       failGroup(todo, p, err, rollbackErrors);
       return;
+    }
+  }
+  if (o.afterBind) await runAfterBind(todo, o.afterBind);
+}
+
+async function runAfterBind(bound: Planned[], hook: NonNullable<BinderOptions['afterBind']>): Promise<void> {
+  for (const p of bound) {
+    if (p.result.action !== 'bound' || !sysfs.isVfioBound({ kind: 'pci', bdf: p.info.address })) continue;
+    try {
+      const note = await hook(p.info.address, p.choice.driver!);
+      if (note) p.result.afterBind = note;
+    } catch (err) {
+      p.result.afterBind = `after-bind hook failed: ${(err as Error).message}`;
     }
   }
 }

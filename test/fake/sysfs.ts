@@ -15,7 +15,7 @@
 // Paths are resolved through the tree (symlinks and all), so a path the binder builds
 // wrongly fails with ENOENT as it would on a real host.
 
-import { mkdtempSync, mkdirSync, writeFileSync, symlinkSync, rmSync, realpathSync, readlinkSync, unlinkSync, readFileSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, writeFileSync, symlinkSync, rmSync, realpathSync, readlinkSync, unlinkSync, readFileSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative, dirname, basename } from 'node:path';
 import type { TestFn } from 'ava';
@@ -64,7 +64,25 @@ export type FakeOp =
   | { kind: 'probe'; bdf: string }
   | { kind: 'autoprobe'; bdf: string; value: boolean }
   | { kind: 'numvfs'; bdf: string; value: number }
-  | { kind: 'modprobe'; module: string };
+  | { kind: 'modprobe'; module: string }
+  | { kind: 'migration_version'; path: string; value: string };
+
+/**
+ * How a fake `migration_version` attribute answers a write: undefined accepts, an errno
+ * name (EINVAL, ENODEV, ...) refuses. Default: accept exactly the attribute's own value
+ * (a trailing newline ignored on both), refuse anything else with EINVAL - the rule of
+ * the edu test driver.
+ */
+export type VersionAcceptor = (written: string) => string | undefined;
+
+export interface FakeMdevTypeSpec {
+  name: string;
+  /** Human name (the type's `name` attribute). */
+  label?: string;
+  /** Contents of mdev_supported_types/<type>/migration_version; absent when undefined. */
+  migrationVersion?: string | Buffer;
+  accept?: VersionAcceptor;
+}
 
 interface Dev {
   spec: Required<Omit<FakeDeviceSpec, 'group' | 'driver' | 'override' | 'sriov'>>;
@@ -112,6 +130,9 @@ export class FakeSysfs implements PciKernel {
   /** Registered drivers in registration order (the order the driver core tries them). */
   readonly #drivers = new Map<string, FakeDriverSpec>();
   #nextGroup = 100;
+  /** Writable migration_version attributes by real path, and how each answers a write. */
+  readonly #versionAttrs = new Map<string, VersionAcceptor>();
+  readonly #mdevParents = new Map<string, string>();
   #faults: Array<{ match: (op: FakeOp) => boolean; code: string; once: boolean }> = [];
   #after: Array<{ match: (op: FakeOp) => boolean; fn: (op: FakeOp) => void; once: boolean }> = [];
 
@@ -239,6 +260,102 @@ export class FakeSysfs implements PciKernel {
     return bdf;
   }
 
+  // --- migration_version, mdevs, module facts (src/compat) --------------------------------
+
+  /** Creates (or replaces) a writable migration_version attribute at `file` (a real path in the tree). */
+  setVersionAttr(file: string, value: string | Buffer, accept?: VersionAcceptor): void {
+    writeFileSync(file, value);
+    const own = Buffer.isBuffer(value) ? value.toString('latin1') : value;
+    const strip = (v: string) => (v.endsWith('\n') ? v.slice(0, -1) : v);
+    this.#versionAttrs.set(realpathSync(file), accept ?? ((w) => (strip(w) === strip(own) ? undefined : 'EINVAL')));
+  }
+
+  /** A PCI function's own migration_version (default: "<value>\n" accepting only itself). */
+  setDeviceMigrationVersion(bdf: string, value: string | Buffer, accept?: VersionAcceptor): void {
+    this.setVersionAttr(join(this.#dev(bdf).dir, 'migration_version'), value, accept);
+  }
+
+  /** /sys/module/<module>/{srcversion,version} and the build-id note (a loaded module's facts). */
+  setModuleInfo(module: string, info: { srcversion?: string; version?: string; buildId?: string }): void {
+    const dir = join(this.sys, 'module', module);
+    mkdirSync(join(dir, 'notes'), { recursive: true });
+    if (info.srcversion !== undefined) writeFileSync(join(dir, 'srcversion'), `${info.srcversion}\n`);
+    if (info.version !== undefined) writeFileSync(join(dir, 'version'), `${info.version}\n`);
+    if (info.buildId !== undefined) {
+      const desc = Buffer.from(info.buildId, 'hex');
+      const head = Buffer.alloc(12);
+      head.writeUInt32LE(4, 0);
+      head.writeUInt32LE(desc.length, 4);
+      head.writeUInt32LE(3, 8); // NT_GNU_BUILD_ID
+      writeFileSync(join(dir, 'notes', '.note.gnu.build-id'), Buffer.concat([head, Buffer.from('GNU\0'), desc, Buffer.alloc((4 - (desc.length % 4)) % 4)]));
+    }
+  }
+
+  /**
+   * An mdev parent in /sys/class/mdev_bus: an existing fake PCI function (`name` is its
+   * address) or a virtual class device like mtty's (/sys/devices/virtual/<name>/<name>).
+   */
+  addMdevParent(name: string, types: FakeMdevTypeSpec[]): string {
+    const pci = this.#devices.get(name.toLowerCase());
+    const dir = pci ? pci.dir : join(this.sys, 'devices', 'virtual', name, name);
+    mkdirSync(dir, { recursive: true });
+    mkdirSync(join(this.sys, 'class', 'mdev_bus'), { recursive: true });
+    symlinkSync(relative(join(this.sys, 'class', 'mdev_bus'), dir), join(this.sys, 'class', 'mdev_bus', name));
+    this.#mdevParents.set(name, dir);
+    for (const t of types) this.setMdevType(name, t);
+    return dir;
+  }
+
+  /** Adds or changes a type of a parent (its migration_version too). */
+  setMdevType(parent: string, t: FakeMdevTypeSpec): void {
+    const tdir = join(this.#mdevParents.get(parent)!, 'mdev_supported_types', t.name);
+    mkdirSync(join(tdir, 'devices'), { recursive: true });
+    writeFileSync(join(tdir, 'name'), `${t.label ?? t.name}\n`);
+    writeFileSync(join(tdir, 'device_api'), 'vfio-pci\n');
+    writeFileSync(join(tdir, 'available_instances'), '4\n');
+    writeFileSync(join(tdir, 'create'), '');
+    const mv = join(tdir, 'migration_version');
+    if (t.migrationVersion !== undefined) this.setVersionAttr(mv, t.migrationVersion, t.accept);
+    else {
+      this.#versionAttrs.delete(mv);
+      rmSync(mv, { force: true });
+    }
+  }
+
+  /** An mdev of `type` under `parent`, bound to the mdev driver `driver` of `module`. */
+  addMdev(uuid: string, parent: string, type: string, opts: { driver?: string; module?: string; group?: number } = {}): void {
+    const pdir = this.#mdevParents.get(parent);
+    if (!pdir) throw new Error(`fake: no mdev parent ${parent}`);
+    const dir = join(pdir, uuid);
+    mkdirSync(dir, { recursive: true });
+    symlinkSync(join('..', 'mdev_supported_types', type), join(dir, 'mdev_type'));
+    symlinkSync(relative(join(pdir, 'mdev_supported_types', type, 'devices'), dir), join(pdir, 'mdev_supported_types', type, 'devices', uuid));
+    mkdirSync(join(this.sys, 'bus', 'mdev', 'devices'), { recursive: true });
+    symlinkSync(relative(join(this.sys, 'bus', 'mdev', 'devices'), dir), join(this.sys, 'bus', 'mdev', 'devices', uuid));
+    const driver = opts.driver ?? parent;
+    const ddir = join(this.sys, 'bus', 'mdev', 'drivers', driver);
+    if (!existsSync(ddir)) {
+      mkdirSync(ddir, { recursive: true });
+      if (opts.module) {
+        mkdirSync(join(this.sys, 'module', opts.module), { recursive: true });
+        symlinkSync(relative(ddir, join(this.sys, 'module', opts.module)), join(ddir, 'module'));
+      }
+    }
+    symlinkSync(relative(dir, ddir), join(dir, 'driver'));
+    const group = opts.group ?? this.#nextGroup++;
+    const gdir = join(this.sys, 'kernel/iommu_groups', String(group), 'devices');
+    mkdirSync(gdir, { recursive: true });
+    symlinkSync(relative(dir, join(this.sys, 'kernel/iommu_groups', String(group))), join(dir, 'iommu_group'));
+    symlinkSync(relative(gdir, dir), join(gdir, uuid));
+  }
+
+  /** Gives a PCI function a file or sub-directory attribute, e.g. ("nvidia/current_vgpu_type", "0"). */
+  setDeviceFile(bdf: string, rel: string, value: string): void {
+    const file = join(this.#dev(bdf).dir, rel);
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, value);
+  }
+
   // --- fault injection ---------------------------------------------------------------
 
   /** The next action matching `match` fails with errno `code` (or every one, once=false). */
@@ -310,6 +427,13 @@ export class FakeSysfs implements PciKernel {
     }
     const name = basename(real);
     const parent = dirname(real);
+    const acceptor = this.#versionAttrs.get(real);
+    if (acceptor) {
+      return this.#act({ kind: 'migration_version', path: real, value }, () => {
+        const code = acceptor(value);
+        if (code) throw new FakeErrno(code, `migration_version refused ${JSON.stringify(value.slice(0, 60))}`);
+      });
+    }
     const devBdf = this.#byDir.get(parent);
     if (devBdf !== undefined) {
       const dev = this.#dev(devBdf);
