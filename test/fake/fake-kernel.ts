@@ -74,6 +74,11 @@ export interface FakeDeviceSpec {
   dmaLogging?: boolean;
   /** Per-arc latency for async SETs, in ms. */
   arcLatencyMs?: number;
+  /**
+   * MIG_DATA_SIZE is an estimate in the uAPI: a driver may report this fixed number of
+   * bytes instead of the exact remainder (undefined: the exact remainder).
+   */
+  dataSizeEstimate?: number;
   /** Has a vfio-dev cdev (requires the kernel's cdev support). */
   cdev?: boolean;
   /** A buggy driver: its state machine runs with these flags, not the ones it reports. */
@@ -123,7 +128,7 @@ interface ResumingSession {
 type Session = SavingSession | ResumingSession;
 
 export class FakeDevice {
-  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags' | 'validatesData' | 'stateOnReopen'>> & { validatesData: boolean; stateOnReopen: 'kept' | 'running' } & { flags: bigint | undefined; fsmFlags: number | undefined };
+  readonly spec: Required<Omit<FakeDeviceSpec, 'flags' | 'vendor' | 'deviceId' | 'fsmFlags' | 'validatesData' | 'stateOnReopen' | 'dataSizeEstimate'>> & { validatesData: boolean; stateOnReopen: 'kept' | 'running' } & { flags: bigint | undefined; fsmFlags: number | undefined; dataSizeEstimate: number | undefined };
   state: MigState = MigState.Running;
   payload: Buffer;
   /** Identity of the state content; travels with the stream like the edu driver's seed. */
@@ -157,6 +162,7 @@ export class FakeDevice {
       fsmFlags: spec.fsmFlags,
       validatesData: spec.validatesData ?? true,
       stateOnReopen: spec.stateOnReopen ?? 'kept',
+      dataSizeEstimate: spec.dataSizeEstimate,
     };
     this.seed = this.spec.seed;
     this.payload = derivePayload(this.seed, this.spec.stateSize);
@@ -683,7 +689,7 @@ export class FakeKernel implements Syscalls {
       }
       case U.Feature.MIG_DATA_SIZE:
         if (!d.migratable) throw new SysError('ioctl', Errno.ENOTTY);
-        if (check(U.FeatureFlag.GET, 8)) payload.writeBigUInt64LE(BigInt(this.#remainingStopCopyBytes(d)), 0);
+        if (check(U.FeatureFlag.GET, 8)) payload.writeBigUInt64LE(BigInt(d.spec.dataSizeEstimate ?? this.#remainingStopCopyBytes(d)), 0);
         return 0;
       case U.Feature.DMA_LOGGING_START:
       case U.Feature.DMA_LOGGING_STOP:

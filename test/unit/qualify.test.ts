@@ -75,3 +75,20 @@ test.serial('usage errors', async (t) => {
   t.is(bad.code, 1);
   t.regex(bad.err, /invalid device id/);
 });
+
+test.serial('MIG_DATA_SIZE is an estimate: smaller than the stop-copy data passes, far larger warns, neither fails', async (t) => {
+  const E = '0000:70:01.0';
+  const F = '0000:70:01.1';
+  fake.addDevice({ id: E, flags: 3, seed: 5, stateSize: 5000, dataSizeEstimate: 1_000_000 }); // generous: reads less
+  fake.addDevice({ id: F, flags: 3, seed: 6, stateSize: 5000, dataSizeEstimate: 100 }); // reads 50x more
+  const over = await run(['qualify', E, '--json']);
+  t.is(over.code, 0, over.out);
+  const e = (JSON.parse(over.out) as { checks: { check: string; ok: boolean; warning?: boolean; result: string }[] }[])[0]!;
+  const eCheck = e.checks.find((c) => c.check === 'MIG_DATA_SIZE')!;
+  t.true(eCheck.ok);
+  t.falsy(eCheck.warning, 'reading less than the estimate is normal');
+  const under = await run(['qualify', F]);
+  t.is(under.code, 0, `a low estimate is a warning, not a failure:\n${under.out}`);
+  t.regex(under.out, /MIG_DATA_SIZE\s+WARN estimate 100 bytes, read \d+ \(more than 2x the estimate\)/);
+  t.regex(under.out, /verdict: PASS/);
+});
