@@ -12,7 +12,7 @@
 // device's is refused with the reason, never used: a new driver or firmware may answer
 // differently.
 
-import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fchmodSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { stateDir } from '../pci/state.ts';
 import * as sysfs from '../host/sysfs.ts';
@@ -101,6 +101,7 @@ export function writeCapabilities(entry: CapabilityEntry): string {
   const tmp = join(dir, `.${clean.id}.json.${process.pid}.tmp`);
   const fd = openSync(tmp, 'w', 0o644);
   try {
+    fchmodSync(fd, 0o644); // whatever the umask: root writes, libvirtd's hooks and operators read
     writeSync(fd, `${JSON.stringify(clean, null, 2)}\n`);
     fsyncSync(fd);
   } catch (err) {
