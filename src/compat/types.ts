@@ -191,7 +191,7 @@ export function validateDescriptor(input: unknown): DeviceDescriptor {
   if (!isObj(attrs) || Object.keys(attrs).length > 32) throw new DescriptorError('vendorAttrs is not a small object');
   const vendorAttrs: Record<string, string> = {};
   for (const [k, v] of Object.entries(attrs)) {
-    if (!/^[a-z0-9_/.-]{1,64}$/.test(k) || typeof v !== 'string' || v.length > 1024) throw new DescriptorError(`vendorAttrs.${k.slice(0, 40)} is not valid`);
+    if (!/^[a-z0-9_][a-z0-9_.-]{0,31}(\/[a-z0-9_][a-z0-9_.-]{0,31}){0,3}$/.test(k) || typeof v !== 'string' || v.length > 1024) throw new DescriptorError(`vendorAttrs.${k.slice(0, 40)} is not valid`);
     vendorAttrs[k] = v;
   }
   const out: DeviceDescriptor = {
