@@ -49,7 +49,9 @@ export function destinationDeviceChecks(hostdevs: VfioHostdev[], facts: HostFact
       continue;
     }
     const compatible = answer.candidates.filter((c) => c.compatible);
-    const free = compatible.filter((c) => c.free && !taken.has(c.target));
+    // Prefer devices whose migration capability is on record there (a probed, bound variant driver).
+    const recorded = (target: string): number => (facts.devices.find((d) => d.id === target)?.capabilities.ok ? 0 : 1);
+    const free = compatible.filter((c) => c.free && !taken.has(c.target)).sort((a, b) => recorded(a.target) - recorded(b.target));
     if (free.length > 0) {
       const pick = free[0]!;
       taken.add(pick.target);
