@@ -53,11 +53,30 @@ export interface PoolStats {
   maxThreads: number;
 }
 
+// The control block shared with each worker: Int32 slots, then Float64 slots.
+const C = { state: 0, fd: 1, len: 2, events: 3, timeout: 4, newScratch: 5, errno: 6, revents: 7 } as const;
+const N = { request: 0, result: 1, t0: 2, t1: 3 } as const;
+const CTL_INTS = 8;
+const CTL_NUMS = 4;
+/** C.state: idle, quit, or the op to run. */
+const State = { idle: 0, quit: 1 } as const;
+const Op = { ioctl: 2, read: 3, write: 4, poll: 5 } as const;
+
 // The worker's code, run with `new Worker(code, { eval: true })` so that it needs no file
 // of its own: the same under tsx, in esbuild bundles and in dist/. Plain CommonJS.
+//
+// Hand-over without messages on the way in: the main thread fills the control block and
+// wakes the worker with Atomics.notify; the worker, parked in Atomics.wait (no event loop,
+// no message to decode), makes the call, stores the results and posts one tiny message
+// back, which wakes the main thread's event loop. Under TCG in the rig this round trip cost
+// about half of a postMessage ping-pong (Atomics.waitAsync on the way back was slower still).
 const WORKER_CODE = `'use strict';
-const { parentPort, workerData } = require('node:worker_threads');
+const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads');
+const ctl = new Int32Array(workerData.control, 0, ${CTL_INTS});
+const num = new Float64Array(workerData.control, ${CTL_INTS * 4}, ${CTL_NUMS});
 let koffi, ioctl, read, write, poll, loaded = false;
+const pfd = Buffer.alloc(8);
+let scratch = new Uint8Array(workerData.scratch);
 try {
   koffi = require(workerData.koffiPath);
   const lib = koffi.load('libc.so.6');
@@ -70,70 +89,70 @@ try {
   parentPort.postMessage({ fatal: String((err && err.stack) || err) });
 }
 const origin = performance.timeOrigin;
-const pfd = Buffer.alloc(8);
-let scratch = new Uint8Array(0);
-if (loaded) parentPort.on('message', (m) => {
-  if (m.scratch) scratch = new Uint8Array(m.scratch);
-  let r = -1, errno = 0, revents = 0, t0 = 0, t1 = 0;
-  try {
-    switch (m.op) {
-      case 'ioctl': {
-        const arg = m.len >= 0 ? scratch.subarray(0, m.len) : null;
-        t0 = origin + performance.now();
-        r = ioctl(m.fd, m.request, arg);
-        if (r < 0) errno = koffi.errno();
-        t1 = origin + performance.now();
-        break;
-      }
-      case 'read': {
-        const buf = scratch.subarray(0, m.len);
-        t0 = origin + performance.now();
-        r = Number(read(m.fd, buf, m.len));
-        if (r < 0) errno = koffi.errno();
-        t1 = origin + performance.now();
-        break;
-      }
-      case 'write': {
-        const buf = scratch.subarray(0, m.len);
-        t0 = origin + performance.now();
-        r = Number(write(m.fd, buf, m.len));
-        if (r < 0) errno = koffi.errno();
-        t1 = origin + performance.now();
-        break;
-      }
-      case 'poll': {
-        pfd.writeInt32LE(m.fd, 0);
-        pfd.writeInt16LE(m.events, 4);
-        pfd.writeInt16LE(0, 6);
-        t0 = origin + performance.now();
-        r = poll(pfd, 1, m.timeoutMs);
-        if (r < 0) errno = koffi.errno();
-        t1 = origin + performance.now();
-        revents = pfd.readInt16LE(6) & 0xffff;
-        break;
-      }
-      default:
-        throw new Error('unknown op ' + m.op);
-    }
-  } catch (err) {
-    parentPort.postMessage({ error: String(err && err.message || err) });
-    return;
+function call(op) {
+  const fd = ctl[${C.fd}], len = ctl[${C.len}];
+  let r;
+  switch (op) {
+    case ${Op.ioctl}:
+      num[${N.t0}] = origin + performance.now();
+      r = ioctl(fd, num[${N.request}], len >= 0 ? scratch.subarray(0, len) : null);
+      break;
+    case ${Op.read}:
+      num[${N.t0}] = origin + performance.now();
+      r = Number(read(fd, scratch.subarray(0, len), len));
+      break;
+    case ${Op.write}:
+      num[${N.t0}] = origin + performance.now();
+      r = Number(write(fd, scratch.subarray(0, len), len));
+      break;
+    case ${Op.poll}:
+      pfd.writeInt32LE(fd, 0);
+      pfd.writeInt16LE(ctl[${C.events}], 4);
+      pfd.writeInt16LE(0, 6);
+      num[${N.t0}] = origin + performance.now();
+      r = poll(pfd, 1, ctl[${C.timeout}]);
+      break;
+    default:
+      throw new Error('unknown op ' + op);
   }
-  parentPort.postMessage({ r, errno, revents, t0, t1 });
-});
-if (loaded) parentPort.postMessage({ ready: true });
+  // errno right after the call, in the thread that made it.
+  ctl[${C.errno}] = r < 0 ? koffi.errno() : 0;
+  num[${N.t1}] = origin + performance.now();
+  num[${N.result}] = r;
+  if (op === ${Op.poll}) ctl[${C.revents}] = pfd.readInt16LE(6) & 0xffff;
+}
+if (loaded) {
+  // Every op once on fd -1 (EBADF, or POLLNVAL), through the same code as real calls: the
+  // first real call then pays no lazy compilation or koffi set-up - under TCG that was
+  // tens of ms per thread, spread over the first parallel phase.
+  ctl[${C.fd}] = -1;
+  ctl[${C.len}] = 8;
+  for (const op of [${Op.ioctl}, ${Op.read}, ${Op.write}, ${Op.poll}]) call(op);
+  ctl[${C.len}] = -1;
+  call(${Op.ioctl});
+  parentPort.postMessage('ready');
+  for (;;) {
+    Atomics.wait(ctl, ${C.state}, ${State.idle});
+    const op = Atomics.load(ctl, ${C.state});
+    if (op === ${State.quit}) break;
+    if (op === ${State.idle}) continue;
+    if (ctl[${C.newScratch}]) {
+      scratch = new Uint8Array(receiveMessageOnPort(parentPort).message);
+      ctl[${C.newScratch}] = 0;
+    }
+    let failure;
+    try {
+      call(op);
+    } catch (err) {
+      failure = String((err && err.message) || err);
+    }
+    Atomics.store(ctl, ${C.state}, ${State.idle});
+    parentPort.postMessage(failure === undefined ? 'done' : { error: failure });
+  }
+}
 `;
 
-interface WorkerReply {
-  ready?: true;
-  fatal?: string;
-  error?: string;
-  r?: number;
-  errno?: number;
-  revents?: number;
-  t0?: number;
-  t1?: number;
-}
+type WorkerReply = 'ready' | 'done' | { fatal: string } | { error: string };
 
 interface Pending {
   call: BlockingCall;
@@ -145,9 +164,12 @@ interface Thread {
   worker: Worker;
   ready: boolean;
   busy: Pending | undefined;
-  /** The main thread's view of this thread's scratch (undefined until a call needs one). */
-  scratch: Uint8Array | undefined;
-  idleTimer: NodeJS.Timeout | undefined;
+  ctl: Int32Array;
+  num: Float64Array;
+  /** The main thread's view of this thread's scratch (grown when a call needs more). */
+  scratch: Uint8Array;
+  /** performance.now() when it last became idle. */
+  idleSince: number;
   /** prewarm() callers waiting for this thread to be ready. */
   waiters: { resolve: () => void; reject: (e: Error) => void }[];
 }
@@ -168,10 +190,14 @@ function callBytes(call: BlockingCall): number {
 
 export class BlockingPool {
   readonly #threads = new Set<Thread>();
+  /** Ready threads without a call, most recently used last (reused first, so the others age out). */
+  readonly #idle: Thread[] = [];
   readonly #queue: Pending[] = [];
+  #starting = 0;
   #koffiPath: string | undefined;
   #options: PoolOptions;
   #warming = 0;
+  #sweeper: NodeJS.Timeout | undefined;
 
   constructor(options: PoolOptions) {
     this.#options = { ...options };
@@ -185,29 +211,27 @@ export class BlockingPool {
       throw new RangeError(`idleMs must be a non-negative number, got ${options.idleMs}`);
     }
     this.#options = { ...this.#options, ...options };
-    let excess = this.#threads.size - this.#options.maxThreads;
-    for (const t of [...this.#threads]) {
-      if (!t.ready || t.busy) continue;
-      if (excess-- > 0) this.#retire(t);
-      else this.#idle(t);
-    }
+    while (this.#threads.size > this.#options.maxThreads && this.#idle.length > 0) this.#retire(this.#idle.shift()!);
+    for (const t of this.#idle) t.idleSince = performance.now();
+    this.#stopSweeper();
+    this.#startSweeper();
   }
 
   stats(): PoolStats {
-    let starting = 0;
-    let busy = 0;
-    for (const t of this.#threads) {
-      if (!t.ready) starting++;
-      else if (t.busy) busy++;
-    }
-    return { threads: this.#threads.size, starting, busy, queued: this.#queue.length, maxThreads: this.#options.maxThreads };
+    const busy = this.#threads.size - this.#starting - this.#idle.length;
+    return { threads: this.#threads.size, starting: this.#starting, busy, queued: this.#queue.length, maxThreads: this.#options.maxThreads };
   }
 
   /** Runs one blocking call on a thread of its own (queued FIFO when the cap is reached). */
   run(call: BlockingCall): Promise<BlockingResult> {
     return new Promise((resolve, reject) => {
-      this.#queue.push({ call, resolve, reject });
-      this.#pump();
+      const p = { call, resolve, reject };
+      const t = this.#queue.length === 0 ? this.#idle.pop() : undefined;
+      if (t) this.#dispatch(t, p);
+      else {
+        this.#queue.push(p);
+        this.#pump();
+      }
     });
   }
 
@@ -228,30 +252,24 @@ export class BlockingPool {
       );
     } finally {
       this.#warming--;
-      for (const t of this.#threads) if (t.ready && !t.busy) this.#idle(t);
+      for (const t of this.#idle) t.idleSince = performance.now();
     }
   }
 
   #pump(): void {
     // Hand queued calls to idle threads, oldest call first.
-    for (const t of this.#threads) {
-      if (this.#queue.length === 0) return;
-      if (t.ready && !t.busy) this.#dispatch(t, this.#queue.shift()!);
-    }
+    while (this.#queue.length > 0 && this.#idle.length > 0) this.#dispatch(this.#idle.pop()!, this.#queue.shift()!);
     // Every call still queued gets a thread of its own, up to the cap.
-    let starting = 0;
-    for (const t of this.#threads) if (!t.ready) starting++;
-    while (this.#queue.length > starting && this.#threads.size < this.#options.maxThreads) {
-      this.#spawn();
-      starting++;
-    }
+    while (this.#queue.length > this.#starting && this.#threads.size < this.#options.maxThreads) this.#spawn();
   }
 
   #spawn(): void {
     this.#koffiPath ??= createRequire(import.meta.url).resolve('koffi');
+    const control = new SharedArrayBuffer(CTL_INTS * 4 + CTL_NUMS * 8);
+    const scratch = new SharedArrayBuffer(MIN_SCRATCH);
     const worker = new Worker(WORKER_CODE, {
       eval: true,
-      workerData: { koffiPath: this.#koffiPath },
+      workerData: { koffiPath: this.#koffiPath, control, scratch },
       // Not the parent's flags: under tsx they would load tsx's loader in every thread.
       execArgv: [],
       // The worker never opens or closes fds, and must not close the caller's on exit.
@@ -259,8 +277,18 @@ export class BlockingPool {
       stdout: false,
       stderr: false,
     });
-    const t: Thread = { worker, ready: false, busy: undefined, scratch: undefined, idleTimer: undefined, waiters: [] };
+    const t: Thread = {
+      worker,
+      ready: false,
+      busy: undefined,
+      ctl: new Int32Array(control, 0, CTL_INTS),
+      num: new Float64Array(control, CTL_INTS * 4, CTL_NUMS),
+      scratch: new Uint8Array(scratch),
+      idleSince: 0,
+      waiters: [],
+    };
     this.#threads.add(t);
+    this.#starting++;
     // Referenced while starting and while running a call: a call in flight keeps the
     // process alive (as libuv's pool would), an idle thread never does.
     worker.on('message', (m: WorkerReply) => this.#onMessage(t, m));
@@ -269,80 +297,112 @@ export class BlockingPool {
   }
 
   #onMessage(t: Thread, m: WorkerReply): void {
-    if (m.ready) {
+    if (m === 'ready') {
       t.ready = true;
+      this.#starting--;
       for (const w of t.waiters.splice(0)) w.resolve();
-      this.#idle(t);
-      this.#pump();
+      this.#becomeIdle(t);
       return;
     }
-    if (m.fatal !== undefined) {
+    if (typeof m === 'object' && 'fatal' in m) {
       this.#lost(t, new Error(`blocking-call thread could not load koffi/libc: ${m.fatal}`));
       void t.worker.terminate();
       return;
     }
     const p = t.busy;
-    if (!p) return; // a reply without a call: cannot happen; ignore rather than crash
+    if (!p) return; // a reply without a call cannot happen; ignore rather than crash
     t.busy = undefined;
-    if (m.error !== undefined) {
-      p.reject(new Error(`blocking ${p.call.op}: ${m.error}`));
+    if (m !== 'done') {
+      p.reject(new Error(`blocking ${p.call.op}: ${'error' in m ? m.error : String(m)}`));
     } else {
-      const result = m.r ?? -1;
+      const result = t.num[N.result]!;
       // The kernel wrote into the scratch: copy back what the caller's buffer should hold.
-      if (result > 0 && p.call.op === 'read') p.call.buf.set(t.scratch!.subarray(0, result));
-      if (p.call.op === 'ioctl' && p.call.arg) p.call.arg.set(t.scratch!.subarray(0, p.call.arg.length));
+      if (result > 0 && p.call.op === 'read') p.call.buf.set(t.scratch.subarray(0, result));
+      if (p.call.op === 'ioctl' && p.call.arg && p.call.arg.length > 0) p.call.arg.set(t.scratch.subarray(0, p.call.arg.length));
       const origin = performance.timeOrigin;
-      p.resolve({ result, errno: m.errno ?? 0, revents: m.revents ?? 0, issuedAt: (m.t0 ?? 0) - origin, returnedAt: (m.t1 ?? 0) - origin });
+      p.resolve({
+        result,
+        errno: t.ctl[C.errno]!,
+        revents: p.call.op === 'poll' ? t.ctl[C.revents]! : 0,
+        issuedAt: t.num[N.t0]! - origin,
+        returnedAt: t.num[N.t1]! - origin,
+      });
     }
-    this.#idle(t);
-    this.#pump();
+    this.#becomeIdle(t);
   }
 
   #dispatch(t: Thread, p: Pending): void {
-    if (t.idleTimer) clearTimeout(t.idleTimer);
-    t.idleTimer = undefined;
     const call = p.call;
     const bytes = callBytes(call);
-    let newScratch: SharedArrayBuffer | undefined;
-    if (bytes > 0 && (!t.scratch || t.scratch.length < bytes)) {
+    if (bytes > t.scratch.length) {
       let size = MIN_SCRATCH;
       while (size < bytes) size *= 2;
-      newScratch = new SharedArrayBuffer(size);
-      t.scratch = new Uint8Array(newScratch);
+      const sab = new SharedArrayBuffer(size);
+      t.scratch = new Uint8Array(sab);
+      // Read by the worker (receiveMessageOnPort) before it looks at the call.
+      t.worker.postMessage(sab);
+      t.ctl[C.newScratch] = 1;
     }
-    if (call.op === 'ioctl' && call.arg) t.scratch!.set(call.arg);
-    if (call.op === 'write') t.scratch!.set(call.buf.subarray(0, call.length));
+    if (call.op === 'ioctl' && call.arg && bytes > 0) t.scratch.set(call.arg);
+    if (call.op === 'write' && bytes > 0) t.scratch.set(call.buf.subarray(0, call.length));
+    t.ctl[C.fd] = call.fd;
+    t.ctl[C.len] = bytes;
+    if (call.op === 'ioctl') t.num[N.request] = call.request;
+    if (call.op === 'poll') {
+      t.ctl[C.events] = call.events;
+      t.ctl[C.timeout] = call.timeoutMs;
+    }
     t.busy = p;
     t.worker.ref();
-    const msg =
-      call.op === 'ioctl'
-        ? { op: call.op, fd: call.fd, request: call.request, len: bytes }
-        : call.op === 'poll'
-          ? { op: call.op, fd: call.fd, events: call.events, timeoutMs: call.timeoutMs }
-          : { op: call.op, fd: call.fd, len: bytes };
-    t.worker.postMessage(newScratch ? { ...msg, scratch: newScratch } : msg);
+    Atomics.store(t.ctl, C.state, Op[call.op]);
+    Atomics.notify(t.ctl, C.state);
   }
 
-  #idle(t: Thread): void {
+  #becomeIdle(t: Thread): void {
     if (!this.#threads.has(t)) return;
+    if (this.#queue.length > 0) return this.#dispatch(t, this.#queue.shift()!);
+    if (this.#threads.size > this.#options.maxThreads) return this.#retire(t); // the cap was lowered
     t.worker.unref();
-    if (t.idleTimer) clearTimeout(t.idleTimer);
-    t.idleTimer = setTimeout(() => this.#retire(t), this.#options.idleMs);
-    t.idleTimer.unref();
+    t.idleSince = performance.now();
+    this.#idle.push(t);
+    this.#startSweeper();
   }
 
+  /** One unref'd timer for the whole pool retires threads idle for longer than idleMs. */
+  #startSweeper(): void {
+    if (this.#sweeper || this.#idle.length === 0) return;
+    const period = Math.max(10, Math.min(this.#options.idleMs / 2, 5000));
+    this.#sweeper = setInterval(() => this.#sweep(), period);
+    this.#sweeper.unref();
+  }
+
+  #stopSweeper(): void {
+    if (this.#sweeper) clearInterval(this.#sweeper);
+    this.#sweeper = undefined;
+  }
+
+  #sweep(): void {
+    if (this.#warming > 0) return;
+    const limit = performance.now() - this.#options.idleMs;
+    // Oldest first: #idle is ordered by the time each thread became idle.
+    while (this.#idle.length > 0 && this.#idle[0]!.idleSince <= limit) this.#retire(this.#idle.shift()!);
+    if (this.#idle.length === 0) this.#stopSweeper();
+  }
+
+  /** Ends an idle thread (already taken off #idle): it leaves its wait loop and exits. */
   #retire(t: Thread): void {
-    if (t.busy || !this.#threads.has(t)) return;
-    if (this.#warming > 0 && this.#threads.size <= this.#options.maxThreads) return this.#idle(t);
     this.#threads.delete(t);
-    void t.worker.terminate();
+    Atomics.store(t.ctl, C.state, State.quit);
+    Atomics.notify(t.ctl, C.state);
   }
 
   /** A thread died (or could not start): fail only what it held, never a queued call that others can run. */
   #lost(t: Thread, err: Error): void {
     if (!this.#threads.has(t)) return;
     this.#threads.delete(t);
-    if (t.idleTimer) clearTimeout(t.idleTimer);
+    if (!t.ready) this.#starting--;
+    const i = this.#idle.indexOf(t);
+    if (i >= 0) this.#idle.splice(i, 1);
     for (const w of t.waiters.splice(0)) w.reject(err);
     const p = t.busy;
     t.busy = undefined;
@@ -356,4 +416,3 @@ export class BlockingPool {
     if (t.ready) this.#pump();
   }
 }
-
