@@ -227,7 +227,7 @@ function settled(src: End, dst: End, status: string): boolean {
 }
 
 /** Watches one migration between two QMP sockets; resolves with the record and its analysis. */
-export async function watchQmp(opts: { sourcePath: string; destPath: string; timeoutMs: number; settleMs: number; signal?: AbortSignal }): Promise<WatchResult> {
+export async function watchQmp(opts: { sourcePath: string; destPath: string; timeoutMs: number; settleMs: number; signal?: AbortSignal; onReady?: () => void }): Promise<WatchResult> {
   const started = Date.now();
   const deadline = started + opts.timeoutMs;
   const notes: string[] = [];
@@ -254,6 +254,7 @@ export async function watchQmp(opts: { sourcePath: string; destPath: string; tim
     let armed = initial !== undefined && initial !== 'none' && !FINAL.has(initial);
     const seqAtStart = src.record.events.at(-1)?.seq ?? 0;
     if (!armed && initial !== undefined && FINAL.has(initial)) delete src.record.migrate;
+    opts.onReady?.();
     let status: string | undefined;
     let settleUntil: number | undefined;
     for (;;) {
@@ -341,7 +342,9 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   process.once('SIGINT', onSignal);
   let result: WatchResult;
   try {
-    result = await watchQmp({ sourcePath, destPath, timeoutMs, settleMs: Math.round(settleS * 1000), signal: ac.signal });
+    // One line once both ends are connected and surveyed: a script can start the migration then.
+    const onReady = (): void => void err.write(`vfio-mig watch: watching ${sourcePath} -> ${destPath}\n`);
+    result = await watchQmp({ sourcePath, destPath, timeoutMs, settleMs: Math.round(settleS * 1000), signal: ac.signal, onReady });
   } catch (e) {
     const f = transportFailure(e);
     err.write(`vfio-mig watch: ${f.message}\n`);

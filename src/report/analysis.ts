@@ -9,13 +9,16 @@
 // Both need the two hosts' clocks to agree (they do for two QEMUs on one host).
 
 import { checkInvariants, type Violation } from './invariants.ts';
-import { P2P, RUNNING, STOPPED, SIDES, sideMarks, stateSequences, type Mark, type RecordedDevice, type Side, type Timeline } from './timeline.ts';
+import { P2P, RUNNING, STOPPED, SIDES, sideMarks, stateSequences, type Mark, type Side, type Timeline } from './timeline.ts';
 
 export type Verdict = 'ok' | 'violated' | 'failed';
 
 export interface DeviceReport {
   id: string;
+  /** The host device behind it on the source (PCI address or mdev path), where known. */
   host?: string;
+  /** The same on the destination. */
+  destinationHost?: string;
   source: string[];
   destination: string[];
   /** The state the device ends in on each side (`running` when it never left it). */
@@ -173,12 +176,13 @@ function phasesOfEngine(tl: Timeline): { phases: Phase[]; bound?: number } {
 
 function deviceReports(tl: Timeline): DeviceReport[] {
   const seqs = stateSequences(tl);
-  const hosts = new Map<string, RecordedDevice>(tl.devices.map((d) => [d.id, d]));
+  const hosts = new Map(tl.devices.map((d) => [d.id, d.hosts]));
   return [...seqs.entries()].map(([id, s]) => {
-    const host = hosts.get(id)?.host;
+    const h = hosts.get(id) ?? {};
     return {
       id,
-      ...(host ? { host } : {}),
+      ...(h.source ? { host: h.source } : {}),
+      ...(h.destination && tl.origin === 'watch' ? { destinationHost: h.destination } : {}),
       source: s.source,
       destination: s.destination,
       final: { source: s.source.at(-1) ?? 'running', destination: s.destination.at(-1) ?? (tl.origin === 'watch' ? 'not started' : 'running') },
@@ -313,7 +317,7 @@ function labelOf(devices: DeviceReport[], id: string): string {
  */
 function blame(devices: DeviceReport[], errorDesc: string | undefined, phase: string): { id: string; text: string }[] {
   if (errorDesc) {
-    const named = devices.filter((d) => (d.host && errorDesc.includes(hostName(d.host))) || errorDesc.includes(d.id));
+    const named = devices.filter((d) => [d.host, d.destinationHost].some((h) => h && errorDesc.includes(hostName(h))) || new RegExp(`\\b${d.id.replace(/[^A-Za-z0-9]/g, '\\$&')}\\b`).test(errorDesc));
     if (named.length) return named.map((d) => ({ id: d.id, text: `${label(d)} named by QEMU's error (states on the source: ${d.source.join(' -> ') || 'none'})` }));
   }
   const want = phase === 'switchover' ? 'stop-copy' : phase === 'iteration' ? undefined : phase === 'resume' ? 'running' : undefined;

@@ -32,7 +32,7 @@ export function formatSummary(a: Analysis): string {
   for (const d of a.devices) {
     lines.push(`  ${printable(d.id)}${d.host ? ` (${printable(d.host)})` : ''}`);
     lines.push(`    source:      ${d.source.map(printable).join(' -> ') || '(no events)'}`);
-    lines.push(`    destination: ${d.destination.map(printable).join(' -> ') || '(no events)'}`);
+    lines.push(`    destination: ${d.destination.map(printable).join(' -> ') || '(no events)'}${d.destinationHost ? `    [${printable(d.destinationHost)}]` : ''}`);
   }
   lines.push('');
   lines.push('phases:');

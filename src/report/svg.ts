@@ -71,7 +71,7 @@ export function renderSvg(tl: Timeline, a: Analysis): string {
   const x = (t: number): number => LEFT + ((t - t0) / span) * plotW;
 
   const lanes: Lane[] = [];
-  const hostOf = new Map(tl.devices.map((d) => [d.id, d.host]));
+  const hostOf = new Map(tl.devices.map((d) => [d.id, d.hosts]));
   for (const side of SIDES) {
     const mine = sideMarks(tl, side);
     if (!mine.length) continue;
@@ -79,7 +79,7 @@ export function renderSvg(tl: Timeline, a: Analysis): string {
     const ids: string[] = [];
     for (const m of mine) if (m.device && !ids.includes(m.device)) ids.push(m.device);
     for (const id of ids) {
-      const host = hostOf.get(id);
+      const host = hostOf.get(id)?.[side];
       lanes.push({ side, kind: 'device', device: id, label: `${side}: ${id}${host ? ` (${host.split('/').at(-1)})` : ''}` });
     }
   }

@@ -113,12 +113,18 @@ export interface Mark {
   pass?: number;
 }
 
+/** A device of the timeline: QEMU's id (the same on both sides) and its host device per side. */
+export interface TimelineDevice {
+  id: string;
+  hosts: Partial<Record<Side, string>>;
+}
+
 export interface Timeline {
   origin: 'watch' | 'engine';
   /** Every mark, both sides, sorted by side then order. */
   marks: Mark[];
-  /** Device ids in first-seen order, with the host-side name where known. */
-  devices: RecordedDevice[];
+  /** Device ids in first-seen order, with the host-side name per side where known. */
+  devices: TimelineDevice[];
   /** Whether vCPU stop and resume (QMP STOP/RESUME) were recorded: the engine has none. */
   vcpusRecorded: boolean;
   /** query-migrate's final answer per side (watch only). */
@@ -179,11 +185,20 @@ function fromWatch(json: Record<string, unknown>): Timeline {
   }
   if (!Number.isFinite(origin)) origin = 0;
   const marks: Mark[] = [];
-  const devices = new Map<string, RecordedDevice>();
+  const devices = new Map<string, TimelineDevice>();
+  const device = (id: string): TimelineDevice => {
+    let d = devices.get(id);
+    if (!d) devices.set(id, (d = { id, hosts: {} }));
+    return d;
+  };
   const tl: Timeline = { origin: 'watch', marks, devices: [], vcpusRecorded: true, qemu: {}, initialStatus: {}, closed: {}, originEpochMs: origin };
   for (const side of SIDES) {
     const rec = sides[side]!;
-    for (const d of rec.devices ?? []) if (isObject(d) && typeof d.id === 'string') devices.set(d.id, { ...devices.get(d.id), ...d });
+    for (const d of rec.devices ?? []) {
+      if (!isObject(d) || typeof d.id !== 'string') continue;
+      const td = device(d.id);
+      if (typeof d.host === 'string') td.hosts[side] = d.host;
+    }
     if (isObject(rec.migrate)) tl.qemu[side] = rec.migrate;
     if (typeof rec.initialStatus === 'string') tl.initialStatus[side] = rec.initialStatus;
     if (typeof rec.closed === 'string') tl.closed[side] = rec.closed;
@@ -202,7 +217,7 @@ function fromWatch(json: Record<string, unknown>): Timeline {
           const id = data['device-id'];
           const state = data['device-state'];
           if (typeof id !== 'string' || typeof state !== 'string') continue;
-          if (!devices.has(id)) devices.set(id, { id, ...(typeof data['qom-path'] === 'string' ? { qomPath: data['qom-path'] } : {}) });
+          device(id);
           marks.push({ ...base, kind: 'device', device: id, state });
           break;
         }
@@ -241,8 +256,8 @@ function fromEngine(json: Record<string, unknown>): Timeline {
     else if (DEST_PHASES.has(e.phase)) sideOf.set(e.device, 'destination');
   }
   const names = Array.isArray(json.devices) ? (json.devices as unknown[]).filter((d): d is string => typeof d === 'string') : [];
-  const devices = new Map<string, RecordedDevice>();
-  for (const n of [...names, ...entries.map((e) => e.device)]) if (!devices.has(n)) devices.set(n, { id: n });
+  const devices = new Map<string, TimelineDevice>();
+  for (const n of [...names, ...entries.map((e) => e.device)]) if (!devices.has(n)) devices.set(n, { id: n, hosts: { [sideOf.get(n) ?? 'source']: n } });
   // The point an arc stands for in the ordering rules: an arc *into* a stopped state counts
   // from when it was issued (the device may stop any time after), every other arc from when
   // it returned (only then is the device known to be there).

@@ -1,0 +1,138 @@
+// Two nested QEMU 10 processes inside the rig guest, for QEMU-driven VFIO migrations that
+// `vfio-mig watch` observes: no OS (SeaBIOS assigns the BARs and idles), 64 MiB, TCG.
+// Each QEMU has two QMP sockets: one the test drives the migration through, one for the
+// watch (QEMU serves one client per socket). The command lines follow what worked for
+// mtty and edu on the rig's 6.12 kernel: enable-migration=on, migration-events=on, and
+// for mtty x-device-dirty-page-tracking=off (Debian's 6.12 has no DMA-logging report),
+// for edu x-pre-copy-dirty-page-tracking=off (type1 reports all pinned RAM dirty, so the
+// default never converges).
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { ExecutionContext } from 'ava';
+import { QmpClient } from '../../src/qmp/client.ts';
+
+const QEMU = process.env.VFIO_MIG_QEMU ?? 'qemu-system-x86_64';
+
+export interface Vm {
+  name: string;
+  proc: ChildProcess;
+  qmp: QmpClient;
+  log(): string;
+  exited: Promise<number | string>;
+}
+
+/**
+ * Starts one QEMU with a driving QMP socket (connected here) and a second one for the
+ * watch. Nested TCG with a VFIO device is slow to start (the type1 container pins all
+ * guest RAM through the vIOMMU), hence the generous limits.
+ */
+async function startQemu(t: ExecutionContext, dir: string, name: string, extra: string[]): Promise<Vm> {
+  const qmpPath = join(dir, `${name}.qmp`);
+  const args = ['-name', name, '-M', 'q35', '-nodefaults', '-no-user-config', '-accel', 'tcg', '-m', '64', '-smp', '1', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`, ...extra];
+  const proc = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<number | string>((resolve) => proc.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
+  let gone = false;
+  void exited.then(() => (gone = true));
+  t.teardown(async () => {
+    if (gone) return;
+    proc.kill('SIGTERM');
+    const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
+    await exited;
+    clearTimeout(timer);
+  });
+  const deadline = Date.now() + 60_000;
+  while (!existsSync(qmpPath)) {
+    if (gone) throw new Error(`QEMU ${name} exited during start-up: ${stderr.trim()}`);
+    if (Date.now() > deadline) throw new Error(`QEMU ${name}: no QMP socket after 60 s: ${stderr.trim()}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const qmp = await QmpClient.connect({ path: qmpPath }, { connectTimeoutMs: 60_000, commandTimeoutMs: 60_000 });
+  t.teardown(() => qmp.close());
+  return { name, proc, qmp, log: () => stderr, exited };
+}
+
+export interface Pair {
+  dir: string;
+  src: Vm;
+  dst: Vm;
+  srcWatch: string;
+  dstWatch: string;
+  migSock: string;
+}
+
+export function mttyDevice(uuid: string, id: string): string {
+  return `vfio-pci,sysfsdev=/sys/bus/mdev/devices/${uuid},id=${id},enable-migration=on,x-device-dirty-page-tracking=off,migration-events=on`;
+}
+
+export function eduDevice(bdf: string, id: string): string {
+  return `vfio-pci,host=${bdf},id=${id},enable-migration=on,x-pre-copy-dirty-page-tracking=off,migration-events=on`;
+}
+
+async function waitFor(path: string, ms: number): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!existsSync(path)) {
+    if (Date.now() > deadline) throw new Error(`no ${path} after ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+export async function startPair(t: ExecutionContext, srcDevices: string[], dstDevices: string[]): Promise<Pair> {
+  const dir = mkdtempSync(join(tmpdir(), 'vfio-mig-watch-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const srcWatch = join(dir, 'src-watch.qmp');
+  const dstWatch = join(dir, 'dst-watch.qmp');
+  const devs = (list: string[]): string[] => list.flatMap((d) => ['-device', d]);
+  const src = await startQemu(t, dir, 'src', [...devs(srcDevices), '-qmp', `unix:${srcWatch},server=on,wait=off`]);
+  const dst = await startQemu(t, dir, 'dst', [...devs(dstDevices), '-qmp', `unix:${dstWatch},server=on,wait=off`, '-incoming', 'defer']);
+  await waitFor(srcWatch, 10_000);
+  await waitFor(dstWatch, 10_000);
+  return { dir, src, dst, srcWatch, dstWatch, migSock: join(dir, 'mig.sock') };
+}
+
+/** migrate-incoming on the destination, then migrate on the source (over a unix socket). */
+export async function migrate(p: Pair): Promise<void> {
+  for (const vm of [p.src, p.dst]) await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'events', state: true }] });
+  await p.dst.qmp.execute('migrate-incoming', { uri: `unix:${p.migSock}` });
+  await p.src.qmp.execute('migrate', { uri: `unix:${p.migSock}` });
+}
+
+export async function hmp(vm: Vm, command: string): Promise<string> {
+  return String(await vm.qmp.execute('human-monitor-command', { 'command-line': command }));
+}
+
+interface PciRegion {
+  bar: number;
+  type: string;
+  address: number;
+  size: number;
+}
+
+/** The I/O BARs of device `id` once the firmware has placed them (address != 0). */
+export async function ioBars(vm: Vm, id: string, timeoutMs = 60_000): Promise<PciRegion[]> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const buses = (await vm.qmp.execute('query-pci')) as Array<{ devices: Array<{ qdev_id?: string; regions?: PciRegion[] }> }>;
+    const dev = buses.flatMap((b) => b.devices).find((d) => d.qdev_id === id);
+    const io = (dev?.regions ?? []).filter((r) => r.type === 'io');
+    if (io.length && io.every((r) => r.address !== 0)) return io;
+    if (Date.now() > deadline) throw new Error(`${vm.name}: ${id} has no placed I/O BARs after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** Reads one I/O port byte through HMP (`i /b`): "portb[0xc067] = 0x5a" -> 0x5a. */
+export async function inb(vm: Vm, port: number): Promise<number> {
+  const text = await hmp(vm, `i /b 0x${port.toString(16)}`);
+  const m = /=\s*(0x[0-9a-f]+)/i.exec(text);
+  if (!m) throw new Error(`${vm.name}: unexpected answer to i /b: ${text}`);
+  return Number(m[1]);
+}
+
+export async function outb(vm: Vm, port: number, value: number): Promise<void> {
+  await hmp(vm, `o /b 0x${port.toString(16)} 0x${value.toString(16)}`);
+}
