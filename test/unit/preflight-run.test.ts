@@ -318,3 +318,20 @@ test.serial('host-facts --json: versioned facts that parse back; --sources answe
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test.serial('the real compatibility layer behind the port: descriptors, the compatibility verdict, the cache, vendors, metadata', async (t) => {
+  const { loadCompat } = await import('../../src/compat/preflight/compat-port.ts');
+  const real = await loadCompat();
+  const d = (await real.describeDevice(SRC)) as { id: string; kind: string; driver: string };
+  t.like(d, { id: SRC, kind: 'pci', driver: 'mlx5_vfio_pci' });
+  const v = await real.checkCompatibility(d, DST);
+  t.is(typeof v.compatible, 'boolean');
+  t.true(v.decidedBy.length > 0, JSON.stringify(v));
+  t.false((await real.checkCompatibility(d, HISI)).compatible, 'another vendor never is');
+  const cap = await real.readCapabilities(SRC);
+  t.false(cap.ok, 'nothing probed on this fake host');
+  t.true(Array.isArray(await real.vendorFindings(d, undefined, { vmDevices: [d, { junk: true }] })));
+  const xml = await real.embedMetadata(liveXml([SRC]), [{ alias: 'hostdev0', index: 0, type: 'pci', address: SRC, descriptor: d }]);
+  const back = await real.readMetadata(xml);
+  t.like(back[0], { alias: 'hostdev0', address: SRC, descriptor: { id: SRC } });
+});

@@ -30,7 +30,8 @@ export interface CompatPort {
   describeDevice(id: string): Promise<unknown>;
   checkCompatibility(source: unknown, target: CompatTarget): Promise<CompatVerdict>;
   readCapabilities(id: string): Promise<CapabilityFact>;
-  vendorFindings(source: unknown, destination?: unknown): Promise<VendorFinding[]>;
+  /** `vmDevices`: the descriptors of every VFIO device of the VM (checks that depend on the VM as a whole). */
+  vendorFindings(source: unknown, destination?: unknown, context?: { vmDevices?: unknown[] }): Promise<VendorFinding[]>;
   /** The domain XML with the vfio-mig metadata element (each hostdev's source descriptor) embedded. */
   embedMetadata(xml: string, descriptors: HostdevDescriptor[]): Promise<string>;
   /** The source descriptors a vfio-mig metadata element in `xml` carries (none: []). */
@@ -109,19 +110,6 @@ function findings(v: unknown): VendorFinding[] {
     }));
 }
 
-type Loose = (...args: unknown[]) => unknown;
-
-/** A module that may not exist yet in every build (vendor checks): undefined when absent. */
-async function optional(load: () => Promise<unknown>): Promise<Record<string, unknown> | undefined> {
-  try {
-    return (await load()) as Record<string, unknown>;
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ERR_MODULE_NOT_FOUND' || code === 'MODULE_NOT_FOUND') return undefined;
-    throw err;
-  }
-}
-
 let override: CompatPort | undefined;
 
 /** Tests: answer with `port` instead of the real compatibility layer (undefined restores it). */
@@ -136,18 +124,16 @@ export async function compatPort(): Promise<CompatPort> {
 
 /** The real compatibility layer (src/compat/*.ts), imported on first use. */
 export async function loadCompat(): Promise<CompatPort> {
-  const [descriptor, compatible, cache, metadata, xmlModel, os] = await Promise.all([
+  const [descriptor, types, compatible, cache, metadata, vendors, xmlModel, os] = await Promise.all([
     import('../descriptor.ts'),
+    import('../types.ts'),
     import('../compatible.ts'),
     import('../cache.ts'),
     import('../domain-metadata.ts'),
+    import('../vendors/index.ts'),
     import('../../libvirt/domain-xml.ts'),
     import('node:os'),
   ]);
-  // The vendor checks are looked up by path so that a build without them still preflights.
-  const vendorsPath = '../vendors/index.ts';
-  const vendors = await optional(() => import(vendorsPath));
-  const vendor = typeof vendors?.vendorFindings === 'function' ? (vendors.vendorFindings as Loose) : undefined;
   return {
     async describeDevice(id) {
       return descriptor.describeDevice(id);
@@ -158,9 +144,16 @@ export async function loadCompat(): Promise<CompatPort> {
     async readCapabilities(id) {
       return capabilityFact(cache.readCapabilities(id));
     },
-    async vendorFindings(source, destination) {
-      if (!vendor) return [];
-      return findings(await vendor(source, destination));
+    async vendorFindings(source, destination, context) {
+      // The VM's other descriptors may come from XML metadata: only valid ones are passed on.
+      const vmDevices = (context?.vmDevices ?? []).flatMap((d) => {
+        try {
+          return [types.validateDescriptor(d)];
+        } catch {
+          return [];
+        }
+      });
+      return findings(vendors.vendorFindings(source, destination, context?.vmDevices ? { vmDevices } : {}));
     },
     async embedMetadata(xml, descriptors) {
       const doc = xmlModel.DomainXml.parse(xml);
