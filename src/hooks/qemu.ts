@@ -22,8 +22,11 @@ import type { HookContext, HookResult } from './qemu-common.ts';
 const HANDLED: Record<string, string> = { prepare: 'begin', migrate: 'begin', release: 'end' };
 const DEFAULT_SECONDS: Record<string, number> = { prepare: 60, migrate: 30, release: 60 };
 const VFIO_MIG_NS = 'https://vfio-mig.org/xmlns/domain/1';
-/** libvirt never writes a domain XML anywhere near this; a hostile one is cut off here. */
-export const MAX_STDIN_BYTES = 16 * 1024 * 1024;
+/**
+ * Domain XML is a few KB (a large domain tens of KB); a hostile or broken one is cut off
+ * here, which also bounds the parse (a 16 MB document takes seconds to validate).
+ */
+export const MAX_STDIN_BYTES = 4 * 1024 * 1024;
 const STDIN_TIMEOUT_MS = 10_000;
 
 /** Whether the text may hold a VFIO hostdev (or our metadata): the cheap pre-check. */
@@ -51,6 +54,12 @@ function usage(err: NodeJS.WritableStream, what: string): number {
   return 2;
 }
 
+/** How long to wait for stdin's end: libvirt writes the XML at once; $VFIO_MIG_HOOK_STDIN_SECONDS for tests. */
+function stdinTimeoutMs(): number {
+  const env = process.env.VFIO_MIG_HOOK_STDIN_SECONDS;
+  return env && /^[1-9][0-9]{0,2}$/.test(env) ? Number(env) * 1000 : STDIN_TIMEOUT_MS;
+}
+
 function configuredSeconds(op: string): number {
   // The config is read again by the operation; here only the deadline matters, and a
   // broken config must not stop us from bounding time.
@@ -75,7 +84,7 @@ export async function qemuHook(argv: string[], io: Partial<HookIo> = {}): Promis
   const name = JSON.stringify(domain);
   const line = (text: string) => err.write(`vfio-mig qemu hook: ${oneLine(`${name} ${operation}: ${text}`)}\n`);
 
-  const input = await (io.stdin ?? (() => readStdin(MAX_STDIN_BYTES, STDIN_TIMEOUT_MS)))();
+  const input = await (io.stdin ?? (() => readStdin(MAX_STDIN_BYTES, stdinTimeoutMs())))();
   if (input.kind !== 'text') {
     const why =
       input.kind === 'missing'

@@ -5,7 +5,7 @@
 // (qemuHook() with the fake kernel seam, which reacts to sysfs writes) where a
 // prepare has to bind, a group is held open, or release gives drivers back.
 import test from 'ava';
-import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { installFakeSysfs } from '../fake/sysfs.ts';
@@ -102,6 +102,7 @@ const index = readFileSync(join(FIXTURES, 'INDEX.tsv'), 'utf8').trim().split('\n
 const noHostdev = index.filter((c) => c[4] === '0').map((c) => c[0]!).filter((f) => !/<interface[^>]*type='hostdev'/.test(fixture(f)));
 
 test.serial('pass-through: every corpus domain without hostdevs, every operation - exit 0, no output, nothing heavy loaded', async (t) => {
+  t.timeout(300_000); // ~150 node processes on a shared 2-core machine
   t.true(noHostdev.length >= 10);
   const jobs = noHostdev.flatMap((file) => [['prepare', 'begin'], ['migrate', 'begin'], ['release', 'end']].map(([op, sub]) => ({ file, op: op!, sub: sub! })));
   const runs = await inBatches(jobs, 4, async (j) => ({ ...j, r: await runHook(prefix, ['vm1', j.op, j.sub, '-'], { stdin: fixture(j.file), env, trace: true }) }));
