@@ -69,8 +69,9 @@ const compat: CompatPort = {
   async readCapabilities(id) {
     return caps[id] ?? { ok: false, reason: `no capability cache entry for ${id}` };
   },
-  async vendorFindings(source) {
-    return (source as { vendor: string }).vendor === '0x15b3' ? [{ verdict: 'pass', check: 'mlx5-psid', advice: 'Nothing to do.' }] : [];
+  async vendorFindings(source, destination) {
+    const dst = (destination as { id?: string } | undefined)?.id ?? 'unknown';
+    return (source as { vendor: string }).vendor === '0x15b3' ? [{ verdict: 'pass', check: 'mlx5-psid', advice: `PSID equal on ${(source as { id: string }).id} and ${dst}.` }] : [];
   },
   async embedMetadata(xml, descriptors) {
     const doc = DomainXml.parse(xml);
@@ -157,8 +158,9 @@ test.serial('a migratable domain passes every check; preflight sends QEMU querie
   t.is(report.verdict, 'pass');
   t.is(report.exitCode, 0);
   t.true(q.sent.every((c) => c.startsWith('query-')), q.sent.join(' '));
-  t.deepEqual(assignments, [{ alias: 'hostdev0', target: DST }], 'the busy source device and the other vendor are not offered');
-  t.truthy(report.checks.find((c) => c.id === 'vendor-mlx5-psid'));
+  t.deepEqual(assignments.map((a) => [a.alias, a.target]), [['hostdev0', DST]], 'the busy source device and the other vendor are not offered');
+  t.like(assignments[0]!.descriptor, { id: DST, driver: 'mlx5_vfio_pci' }, 'the destination sent its device\'s descriptor');
+  t.is(report.checks.find((c) => c.id === 'vendor-mlx5-psid')!.advice, `PSID equal on ${SRC} and ${DST}.`, 'vendor checks compare both ends');
   t.is(report.downtime!.deviceBytes, 4 * 1024 * 1024);
   t.true(report.downtime!.deviceMs > 3 && report.downtime!.deviceMs < 4, '4 MiB at 10 Gbit/s');
 });

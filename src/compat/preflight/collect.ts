@@ -119,7 +119,15 @@ export async function collectHostFacts(opts: CollectOptions): Promise<HostFacts>
       ];
       for (const t of targets) {
         const v = await opts.compat.checkCompatibility(q.descriptor, t.target);
-        answer.candidates.push({ target: t.label, free: t.free, ...v });
+        let descriptor: unknown;
+        if (v.compatible && typeof t.target === 'string') {
+          try {
+            descriptor = await opts.compat.describeDevice(t.target);
+          } catch {
+            // the vendor checks then see the source only
+          }
+        }
+        answer.candidates.push({ target: t.label, free: t.free, ...v, ...(descriptor !== undefined ? { descriptor } : {}) });
       }
     } catch (err) {
       answer.error = err instanceof Error ? err.message : String(err);

@@ -11,6 +11,8 @@ export interface Assignment {
   alias: string;
   /** The destination device id (or "new mdev TYPE on PARENT"). */
   target: string;
+  /** Its descriptor, when the destination sent one. */
+  descriptor?: unknown;
 }
 
 export function factsCheck(facts: HostFacts | undefined, via: string, error: string | undefined): Check {
@@ -55,7 +57,7 @@ export function destinationDeviceChecks(hostdevs: VfioHostdev[], facts: HostFact
     if (free.length > 0) {
       const pick = free[0]!;
       taken.add(pick.target);
-      assignments.push({ alias: h.alias, target: pick.target });
+      assignments.push({ alias: h.alias, target: pick.target, ...(pick.descriptor !== undefined ? { descriptor: pick.descriptor } : {}) });
       checks.push(check(id, 'destination', h.label, 'pass', `${free.length} free compatible device${free.length === 1 ? '' : 's'} on ${facts.hostname}; using ${pick.target} (${pick.decidedBy})`, 'Nothing to do.'));
     } else if (compatible.length > 0) {
       checks.push(check(id, 'destination', h.label, 'fail', `every compatible device on ${facts.hostname} is taken (${compatible.map((c) => c.target).join(', ')})`, 'Free one (stop the VM holding it) or create more VFs/mdevs of that kind on the destination.'));

@@ -34,6 +34,8 @@ export interface CompatCandidate extends CompatVerdict {
   target: string;
   /** The device is free (no VM holds it). */
   free: boolean;
+  /** The target's own descriptor, for a compatible existing device (vendor checks compare both ends). */
+  descriptor?: unknown;
 }
 
 export interface CompatAnswer {
@@ -114,6 +116,8 @@ export function parseHostFacts(input: unknown): HostFacts {
       decidedBy: str(c.decidedBy, 128) ?? 'unknown',
       reason: str(c.reason) ?? '',
       ...(str(c.errno, 32) ? { errno: str(c.errno, 32) } : {}),
+      // Opaque here: whoever uses it validates it (validateDescriptor).
+      ...(isObj(c.descriptor) ? { descriptor: c.descriptor } : {}),
     })),
     ...(str(a.error) ? { error: str(a.error) } : {}),
   }));

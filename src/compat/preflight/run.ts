@@ -172,10 +172,11 @@ export async function preflightDomain(input: DomainInput, deps: PreflightDeps): 
   const destDevices = destinationDeviceChecks(hostdevs, dest, errors);
   checks.push(...destDevices.checks);
 
-  // vendors
+  // vendors: the source device against the destination device it would use
   for (const d of descriptors) {
     const h = hostdevs.find((x) => x.alias === d.alias)!;
-    checks.push(...(await vendorChecks(deps.compat, h, d.descriptor, descriptors.map((x) => x.descriptor))));
+    const target = destDevices.assignments.find((a) => a.alias === d.alias)?.descriptor;
+    checks.push(...(await vendorChecks(deps.compat, h, d.descriptor, descriptors.map((x) => x.descriptor), target)));
   }
 
   const report = finish(input.name, input.destination.uri, checks, prediction ? { downtime: prediction } : {});
@@ -227,7 +228,8 @@ export async function preflightXml(input: XmlInput, deps: PreflightDeps): Promis
   for (const h of hostdevs) checks.push(dirtyTrackingCheck(h, facts.kernelConfig.iommufdDriver, findDevice(facts.devices, h.device), 'destination'));
   for (const d of descriptors) {
     const h = hostdevs.find((x) => x.alias === d.alias)!;
-    checks.push(...(await vendorChecks(deps.compat, h, d.descriptor, descriptors.map((x) => x.descriptor))));
+    const target = destDevices.assignments.find((a) => a.alias === d.alias)?.descriptor;
+    checks.push(...(await vendorChecks(deps.compat, h, d.descriptor, descriptors.map((x) => x.descriptor), target)));
   }
   const report = finish(view.name === '(unnamed)' ? input.file : view.name, 'local', checks, {});
   return { report, view, assignments: destDevices.assignments, descriptors };
