@@ -298,3 +298,12 @@ test('destination-device: incompatible, all taken, none offered, no descriptor f
   t.deepEqual(two.assignments, [{ alias: 'hostdev0', target: '0000:5e:00.2' }]);
   t.is(factsCheck(undefined, 'none', 'ssh: Permission denied').verdict, 'warn');
 });
+
+test('device-capability: flag bits the uAPI does not define are named and warned about', (t) => {
+  t.deepEqual(flagNames(0x19), ['STOP_COPY', 'UNKNOWN_0X18']);
+  t.deepEqual(flagNames(['STOP_COPY', '0x8']), ['STOP_COPY', 'UNKNOWN_0X8']);
+  const h = one(domain(pciHostdev('3b', 2, 'hostdev0')));
+  const c = deviceCapabilityCheck(h, dev('0000:3b:00.2', 'x_vfio_pci', flagNames(0x9)));
+  t.is(c.verdict, 'warn');
+  t.regex(c.detail, /UNKNOWN_0X8/);
+});

@@ -54,14 +54,24 @@ const FLAG_NAMES: Array<[number, string]> = [
   [4, 'PRE_COPY'],
 ];
 
+/** Bits the uAPI does not define are named UNKNOWN_0X<hex>. */
+export const UNKNOWN_FLAG = /^UNKNOWN_0X[0-9A-F]+$/;
+
+function flagName(s: string): string {
+  const n = s.toUpperCase().replace(/^VFIO_MIGRATION_/, '');
+  return /^0X[0-9A-F]+$/.test(n) ? `UNKNOWN_${n}` : n;
+}
+
 /** Flag names from a number (VFIO_MIGRATION_* bits) or a list of names. */
 export function flagNames(raw: unknown): string[] {
   if (typeof raw === 'number' || typeof raw === 'bigint') {
-    const n = Number(raw);
-    return FLAG_NAMES.filter(([bit]) => (n & bit) !== 0).map(([, name]) => name);
+    const n = BigInt(raw);
+    const names = FLAG_NAMES.filter(([bit]) => (n & BigInt(bit)) !== 0n).map(([, name]) => name);
+    const rest = n & ~7n;
+    return rest !== 0n ? [...names, `UNKNOWN_0X${rest.toString(16).toUpperCase()}`] : names;
   }
-  if (Array.isArray(raw)) return raw.filter((x): x is string => typeof x === 'string').map((s) => s.toUpperCase().replace(/^VFIO_MIGRATION_/, ''));
-  if (typeof raw === 'string') return raw.split(/[|, ]+/).filter(Boolean).map((s) => s.toUpperCase().replace(/^VFIO_MIGRATION_/, ''));
+  if (Array.isArray(raw)) return raw.filter((x): x is string => typeof x === 'string').map(flagName);
+  if (typeof raw === 'string') return raw.split(/[|, ]+/).filter(Boolean).map(flagName);
   return [];
 }
 

@@ -5,6 +5,7 @@
 import { check, formatBytes, type Check } from './types.ts';
 import type { VfioHostdev } from './domain-view.ts';
 import type { FactDevice } from './facts.ts';
+import { UNKNOWN_FLAG } from './compat-port.ts';
 
 export function findDevice(devices: FactDevice[], id: string): FactDevice | undefined {
   return devices.find((d) => d.id === id.toLowerCase());
@@ -27,6 +28,11 @@ export function deviceCapabilityCheck(h: VfioHostdev, dev: FactDevice | undefine
     return check(id, 'devices', h.label, 'fail', `driver ${dev.driver ?? '-'}: migration flags ${cap.flags.join('|') || 'none'} lack STOP_COPY`, 'Use a driver and firmware with VFIO migration v2 (STOP_COPY); this device cannot migrate.');
   }
   const size = cap.stopCopyBytes === null ? 'stop-copy size unknown' : `stop-copy ~${formatBytes(cap.stopCopyBytes)}`;
+  const unknown = cap.flags.filter((f) => UNKNOWN_FLAG.test(f));
+  if (unknown.length > 0) {
+    // Only 1, 3, 5 and 7 are defined; a driver setting other bits is newer than this uAPI, or wrong.
+    return check(id, 'devices', h.label, 'warn', `driver ${dev.driver ?? '-'}, flags ${cap.flags.join('|')}: bits the VFIO uAPI does not define`, 'Check the driver against its release notes; QEMU ignores bits it does not know, so the migration relies on STOP_COPY alone.');
+  }
   return check(id, 'devices', h.label, 'pass', `driver ${dev.driver ?? '-'}, flags ${cap.flags.join('|')}, ${size}`, 'Nothing to do.');
 }
 
