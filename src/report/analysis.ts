@@ -185,7 +185,13 @@ function deviceReports(tl: Timeline): DeviceReport[] {
       ...(h.destination && tl.origin === 'watch' ? { destinationHost: h.destination } : {}),
       source: s.source,
       destination: s.destination,
-      final: { source: s.source.at(-1) ?? 'running', destination: s.destination.at(-1) ?? (tl.origin === 'watch' ? 'not started' : 'running') },
+      // A device QEMU never reported on the source is where it started there: RUNNING. On the
+      // destination it has no state worth the name until it is RESUMING. The engine drives
+      // different devices on each side, so there a device has no state on the other side.
+      final: {
+        source: s.source.at(-1) ?? (tl.origin === 'watch' ? 'running' : 'none'),
+        destination: s.destination.at(-1) ?? 'none',
+      },
     };
   });
 }
@@ -250,6 +256,7 @@ export function analyze(tl: Timeline): Analysis {
     verdict = 'failed';
     const f = tl.marks.find((m) => m.kind === 'arc-failed')!;
     const notRunning = devices.filter((d) => d.final.source !== 'running' && d.final.destination !== 'running');
+    // (after a failed engine phase every device should have been rolled back to RUNNING)
     failure = { phase: f.phase ?? 'unknown', devices: [f.device ?? 'unknown'], detail: `${f.from ?? '?'} -> ${f.state ?? '?'} failed: ${f.result}` };
     reason = `the engine's ${f.phase} phase failed on ${f.device}: arc ${f.from ?? '?'} -> ${f.state ?? '?'} returned ${f.result}`;
     if (notRunning.length) reason += `; left not running: ${notRunning.map((d) => `${d.id} (${d.final.source})`).join(', ')}`;
@@ -275,7 +282,10 @@ export function analyze(tl: Timeline): Analysis {
   } else {
     // After a completed migration the source's copy is stopped for good: each device that
     // QEMU reported on must run on the destination.
-    const stranded = devices.filter((d) => (d.source.length || d.destination.length) && d.final.destination !== 'running');
+    const stranded =
+      tl.origin === 'watch'
+        ? devices.filter((d) => (d.source.length || d.destination.length) && d.final.destination !== 'running')
+        : devices.filter((d) => d.destination.length && d.final.destination !== 'running');
     const resumed = tl.origin === 'engine' || dst.some((m) => m.kind === 'resume');
     if (stranded.length) {
       verdict = 'failed';
