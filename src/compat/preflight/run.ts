@@ -225,7 +225,11 @@ export async function preflightXml(input: XmlInput, deps: PreflightDeps): Promis
     const used = hostdevs.map((h) => ({ ...h, device: destDevices.assignments.find((a) => a.alias === h.alias)?.target ?? h.device }));
     checks.push(p2pCheck(used, facts.devices));
   }
-  for (const h of hostdevs) checks.push(dirtyTrackingCheck(h, facts.kernelConfig.iommufdDriver, findDevice(facts.devices, h.device), 'destination'));
+  // Dirty tracking matters on the sending side only: here it is about a later migration onward.
+  for (const h of hostdevs) {
+    const c = dirtyTrackingCheck(h, facts.kernelConfig.iommufdDriver, findDevice(facts.devices, h.device), 'destination');
+    checks.push(c.verdict === 'fail' ? { ...c, verdict: 'warn', detail: `for a later migration from this host: ${c.detail}` } : c);
+  }
   for (const d of descriptors) {
     const h = hostdevs.find((x) => x.alias === d.alias)!;
     const target = destDevices.assignments.find((a) => a.alias === d.alias)?.descriptor;
