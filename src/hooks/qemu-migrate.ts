@@ -152,6 +152,7 @@ export async function migrate(ctx: HookContext): Promise<HookResult> {
     }
   }
   for (const p of picks) logEvent(ctx, 'picked', { hostdev: p.dev.label, source: p.dev.id, target: p.target, decidedBy: p.decidedBy });
+  if (changed) logEvent(ctx, 'rewritten', { remapped: moved.length, metadata: md !== undefined, migrationEvents: hooks.migrationEvents, fromHost: md?.host ?? null });
   if (moved.length) {
     say(ctx, `remapped ${moved.join(', ')} in the live definition; libvirt does not pass the persistent definition through this hook, so with "virsh migrate --persistent" it still names the source host's devices - migrate with --persistent-xml from "vfio-mig preflight", or fix it with "virsh edit"`);
   }

@@ -115,12 +115,22 @@ function pidFrom(file: string): number | undefined {
   }
 }
 
-async function startHost(base: string, name: 'A' | 'B', netns: string, addr: string, seedCacheFrom?: string): Promise<Host> {
+export interface StartOptions {
+  /**
+   * Runs for each host after its directories and configs exist, before its libvirtd
+   * starts: e.g. to install hooks under <dir>/etc/hooks (libvirtd scans them at start;
+   * a SIGHUP while its drivers are still initializing is ignored).
+   */
+  beforeStart?: (dir: string, name: 'A' | 'B') => void;
+}
+
+async function startHost(base: string, name: 'A' | 'B', netns: string, addr: string, seedCacheFrom?: string, opts: StartOptions = {}): Promise<Host> {
   const dir = join(base, name);
   for (const sub of ['etc', 'run', 'lib', 'cache', 'log']) mkdirSync(join(dir, sub), { recursive: true });
   const c = configs(name, addr);
   writeFileSync(join(dir, 'etc', 'libvirtd.conf'), c.libvirtd);
   writeFileSync(join(dir, 'etc', 'qemu.conf'), c.qemu);
+  opts.beforeStart?.(dir, name);
   if (seedCacheFrom) {
     // QEMU capabilities probing (TCG) takes seconds; B reuses A's cache (libvirt re-probes
     // if QEMU, libvirt or the kernel differ, which they do not).
@@ -230,7 +240,7 @@ export async function reapStale(): Promise<string[]> {
 }
 
 /** Starts both hosts; on failure everything started so far is torn down. */
-export async function startHosts(): Promise<Hosts> {
+export async function startHosts(opts: StartOptions = {}): Promise<Hosts> {
   await reapStale();
   const base = mkdtempSync(join(tmpdir(), BASE_PREFIX));
   // Unique per run: other sessions may run the same suite (interface names <= 15 chars).
@@ -256,11 +266,11 @@ export async function startHosts(): Promise<Hosts> {
       run('ip', ['-n', ns, 'link', 'set', dev, 'up']);
       run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
     }
-    const a = await startHost(base, 'A', nsA, '10.77.77.1');
+    const a = await startHost(base, 'A', nsA, '10.77.77.1', undefined, opts);
     started.push(a);
     // First contact probes QEMU's capabilities into A's cache, which B then starts from.
     run('virsh', ['-q', '-c', a.uri, 'version']);
-    const b = await startHost(base, 'B', nsB, '10.77.77.2', join(base, 'A', 'cache'));
+    const b = await startHost(base, 'B', nsB, '10.77.77.2', join(base, 'A', 'cache'), opts);
     started.push(b);
     return { a, b, base, stop };
   } catch (err) {
