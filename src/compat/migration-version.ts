@@ -130,7 +130,11 @@ export function checkCompatibility(source: DeviceDescriptor, target: string | Md
   const dstHas = t.versionPath !== undefined && attributeExists(t.versionPath);
   if (!srcHas && !dstHas) return descriptorRules(src, t);
   if (!srcHas) return no('migration_version', `the target ${t.label} has a migration_version attribute, the source ${src.id} has none`);
-  if (!dstHas) return no('migration_version', `the source ${src.id} has a migration_version attribute, the target ${t.label} has none`);
+  if (!dstHas) {
+    // The attribute belongs to the driver: a target on another driver (plain vfio-pci, unbound) has none.
+    const hint = t.driver !== undefined && t.driver !== src.driver ? ` (the target is bound to ${t.driver ?? 'no driver'}, the source to ${src.driver ?? 'no driver'}: bind the target to the same driver first)` : '';
+    return no('migration_version', `the source ${src.id} has a migration_version attribute, the target ${t.label} has none${hint}`);
+  }
   const mv = src.migrationVersion;
   if (!('value' in mv)) return no('migration_version', `reading the source's migration_version failed: ${mv.error}`, mv.errno);
 

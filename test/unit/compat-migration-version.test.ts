@@ -114,7 +114,9 @@ test.serial('different mdev type -> incompatible, before any write (even though 
 test.serial('attribute missing on the target -> incompatible', (t) => {
   const v = checkCompatibility(describeDevice(SRC), DST_NONE);
   t.like(v, { compatible: false, decidedBy: 'migration_version' });
-  t.regex(v.reason, /target .* has none/);
+  t.regex(v.reason, /target .* has none$/);
+  f.addDevice({ bdf: '0000:0c:00.0', vendor: '1234', device: '11e8', driver: 'vfio-pci' });
+  t.regex(checkCompatibility(describeDevice(SRC), '0000:0c:00.0').reason, /bound to vfio-pci, the source to edu-vfio-pci: bind the target to the same driver first/);
 });
 
 test.serial('attribute missing on the source -> incompatible', (t) => {
