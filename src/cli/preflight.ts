@@ -13,7 +13,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parseArgs, UsageError } from './args.ts';
 import { table } from './table.ts';
-import type { Check, PreflightReport } from '../compat/preflight/types.ts';
+import { PREFLIGHT_SCHEMA, type Check, type PreflightReport } from '../compat/preflight/types.ts';
 import type { PreflightDeps, PreflightOptions, PreflightResult } from '../compat/preflight/run.ts';
 import type { Answer } from '../compat/preflight/qmp-facts.ts';
 
@@ -82,6 +82,19 @@ function emit(out: NodeJS.WritableStream, json: boolean, report: PreflightReport
   return report.exitCode;
 }
 
+/**
+ * Preflight could not even start (no source libvirt, no such domain): one line on stderr,
+ * exit 2, and with --json still one report object on stdout, so a script reads the same shape.
+ */
+function refuse(out: NodeJS.WritableStream, err: NodeJS.WritableStream, json: boolean, domain: string, destination: string, id: string, detail: string, advice: string): number {
+  err.write(`vfio-mig preflight: ${detail}\n`);
+  if (json) {
+    const report: PreflightReport = { schema: PREFLIGHT_SCHEMA, domain, destination, verdict: 'fail', exitCode: 2, checks: [{ id, family: 'source', subject: 'source', verdict: 'fail', detail, advice }] };
+    out.write(`${JSON.stringify(report, null, 2)}\n`);
+  }
+  return 2;
+}
+
 let depsOverride: PreflightDeps | undefined;
 
 /** Tests: use these dependencies instead of the real host, compat layer and peer. */
@@ -139,8 +152,8 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   try {
     conn = Connection.open(sourceUri);
   } catch (e) {
-    err.write(`vfio-mig preflight: cannot reach the source's libvirt: ${e instanceof Error ? e.message : String(e)}\n`);
-    return 2;
+    const msg = `cannot reach the source's libvirt at ${sourceUri}: ${e instanceof Error ? e.message : String(e)}`;
+    return refuse(out, err, json, name, to, 'source-libvirt', msg, 'Check --connect (or $LIBVIRT_DEFAULT_URI) and that libvirtd runs here (virsh version).');
   }
   try {
     const dom = conn.lookupDomain(name);
@@ -187,8 +200,8 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     }
   } catch (e) {
     if (e instanceof UsageError) throw e;
-    err.write(`vfio-mig preflight: ${e instanceof Error ? e.message : String(e)}\n`);
-    return 2;
+    const msg = e instanceof Error ? e.message : String(e);
+    return refuse(out, err, json, name, to, 'source-domain', msg, 'Check the domain name (virsh list --all) and that the source libvirt can read it.');
   } finally {
     conn.close();
   }

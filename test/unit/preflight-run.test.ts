@@ -284,6 +284,13 @@ test.serial('preflight usage errors exit 2', async (t) => {
     t.regex((await runCli(['preflight', 'vm1'])).err, /--to <libvirt-uri> is required/);
     t.regex((await runCli(['preflight', 'vm1', '--to', DEST_URI, '--link-gbps', '0'])).err, /--link-gbps must be a number/);
     t.regex((await runCli(['preflight', '--xml', '/nonexistent.xml'])).err, /cannot read --xml/);
+    // No source libvirt (or no libvirt0 at all): exit 2, one line, and with --json still a report.
+    const r = await runCli(['preflight', 'vm1', '--to', DEST_URI, '--connect', 'qemu+unix:///system?socket=/nonexistent/libvirt-sock', '--json']);
+    t.is(r.code, 2);
+    t.regex(r.err, /^vfio-mig preflight: cannot reach the source's libvirt at qemu\+unix/);
+    t.is(r.err.trim().split('\n').length, 1);
+    const report = JSON.parse(r.out) as PreflightReport;
+    t.like(report, { schema: PREFLIGHT_SCHEMA, verdict: 'fail', exitCode: 2, checks: [{ id: 'source-libvirt', verdict: 'fail' }] });
   } finally {
     setPreflightDeps(undefined);
   }

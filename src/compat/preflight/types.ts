@@ -5,7 +5,7 @@
 export type Verdict = 'pass' | 'warn' | 'fail';
 
 /** The families checks belong to; one module of src/compat/preflight each. */
-export type CheckFamily = 'versions' | 'devices' | 'qemu' | 'dirty-tracking' | 'downtime' | 'destination' | 'vendor';
+export type CheckFamily = 'source' | 'versions' | 'devices' | 'qemu' | 'dirty-tracking' | 'downtime' | 'destination' | 'vendor';
 
 export interface Check {
   /** Stable id, e.g. "qemu-version", "device-capability" (the same for every subject). */
