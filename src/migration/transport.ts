@@ -320,9 +320,15 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
   };
 
   let server: net.Server;
-  if (opts.tls) {
+  try {
+    server = createServer();
+  } catch (err) {
+    throw err instanceof TransportError ? err : new TransportError('CONFIG', `cannot use the TLS files: ${(err as Error).message}`, err);
+  }
+  function createServer(): net.Server {
+    if (!opts.tls) return net.createServer({ allowHalfOpen: true }, (s) => void handle(s));
     const f = pki(opts.tls);
-    server = tls.createServer(
+    const srv = tls.createServer(
       {
         key: readPem(f.serverKey, 'server key'),
         cert: readPem(f.serverCert, 'server certificate'),
@@ -335,9 +341,8 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
       },
       (s) => void handle(s),
     );
-    server.on('tlsClientError', (err: Error, s: tls.TLSSocket) => refuse(peerOf(s), `TLS: ${err.message}`, s));
-  } else {
-    server = net.createServer({ allowHalfOpen: true }, (s) => void handle(s));
+    srv.on('tlsClientError', (err: Error, s: tls.TLSSocket) => refuse(peerOf(s), `TLS: ${err.message}`, s));
+    return srv;
   }
   const fail = (err: unknown) => {
     if (settled) return;
@@ -376,6 +381,30 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
   };
 }
 
+function tlsConnect(endpoint: Endpoint, target: { path: string } | { host: string; port: number }, files: true | Partial<PkiFiles>, name: string | undefined, ready: () => void): tls.TLSSocket {
+  const f = pki(files);
+  const servername = name ?? ('host' in endpoint ? endpoint.host : undefined);
+  const options: tls.ConnectionOptions = {
+    ...target,
+    key: readPem(f.clientKey, 'client key'),
+    cert: readPem(f.clientCert, 'client certificate'),
+    ca: readPem(f.caCert, 'CA certificate'),
+    rejectUnauthorized: true,
+    minVersion: 'TLSv1.2',
+  };
+  // allowHalfOpen: the receiver answers after we ended our side (TLSSocket honours it).
+  Object.assign(options, { allowHalfOpen: true });
+  if (servername === undefined) {
+    // A unix socket without a name: the CA chain is verified, the name is not.
+    options.checkServerIdentity = () => undefined;
+  } else if (net.isIP(servername) === 0) {
+    options.servername = servername;
+  } else {
+    options.checkServerIdentity = (_h, cert) => tls.checkServerIdentity(servername, cert);
+  }
+  return tls.connect(options, ready);
+}
+
 export interface ConnectOptions extends AuthOptions {
   /** Name the receiver's certificate must carry (default: the TCP host; none for unix sockets). */
   servername?: string;
@@ -395,9 +424,9 @@ export async function connect(endpoint: Endpoint, opts: ConnectOptions): Promise
   const where = describeEndpoint(endpoint);
   const target = 'path' in endpoint ? { path: endpoint.path } : { host: endpoint.host, port: endpoint.port };
   const sock: net.Socket = await new Promise<net.Socket>((resolve, reject) => {
-    let s: net.Socket;
+    let s: net.Socket | undefined;
     const timer = setTimeout(() => {
-      s.destroy();
+      s?.destroy();
       reject(new TransportError('TIMEOUT', `no connection to ${where} within ${ms} ms`));
     }, ms);
     const onError = (e: Error) => {
@@ -406,36 +435,15 @@ export async function connect(endpoint: Endpoint, opts: ConnectOptions): Promise
     };
     const ready = () => {
       clearTimeout(timer);
-      s.off('error', onError);
-      resolve(s);
+      s!.off('error', onError);
+      resolve(s!);
     };
-    if (opts.tls) {
-      const f = pki(opts.tls);
-      const servername = opts.servername ?? ('host' in endpoint ? endpoint.host : undefined);
-      const options: tls.ConnectionOptions = {
-        ...target,
-        key: readPem(f.clientKey, 'client key'),
-        cert: readPem(f.clientCert, 'client certificate'),
-        ca: readPem(f.caCert, 'CA certificate'),
-        rejectUnauthorized: true,
-        minVersion: 'TLSv1.2',
-      };
-      // allowHalfOpen: the receiver answers after we ended our side (TLSSocket honours it).
-      Object.assign(options, { allowHalfOpen: true });
-      if (servername === undefined) {
-        // A unix socket without a name: the CA chain is verified, the name is not.
-        options.checkServerIdentity = () => undefined;
-      } else if (net.isIP(servername) === 0) {
-        options.servername = servername;
-      } else {
-        options.checkServerIdentity = (_h, cert) => tls.checkServerIdentity(servername, cert);
-      }
-      s = tls.connect(
-        options,
-        ready,
-      );
-    } else {
-      s = net.connect({ ...target, allowHalfOpen: true }, ready);
+    try {
+      s = opts.tls ? tlsConnect(endpoint, target, opts.tls, opts.servername, ready) : net.connect({ ...target, allowHalfOpen: true }, ready);
+    } catch (err) {
+      clearTimeout(timer);
+      reject(err instanceof TransportError ? err : new TransportError('CONFIG', `cannot use the TLS files: ${(err as Error).message}`, err));
+      return;
     }
     s.once('error', onError);
   });
