@@ -11,6 +11,20 @@ import { table } from './table.ts';
 
 export const usage = 'vfio-mig host-facts [--json] [--sources FILE|-] [--uri LIBVIRT-URI]   this host\'s migration facts (versioned JSON with --json)';
 
+const HELP = `usage: ${usage}
+
+Prints what only this host can tell about itself: kernel release and whether its config
+has CONFIG_IOMMUFD_DRIVER, libvirt and QEMU versions (with --uri), and every VFIO device
+with its driver, its recorded migration capability and whether a VM holds it.
+
+  --json            versioned JSON (schema vfio-mig/host-facts/1): what preflight reads
+  --sources FILE|-  source devices' descriptors, {"sources":[{"key","descriptor"}]}; the
+                    answer says which devices here are compatible (migration_version test)
+  --uri URI         this host's libvirt, for the libvirt and QEMU versions
+
+Run as root: telling free devices from held ones opens /dev/vfio/<group>.
+`;
+
 async function readStdin(): Promise<string> {
   const chunks: Buffer[] = [];
   let size = 0;
@@ -23,7 +37,11 @@ async function readStdin(): Promise<string> {
 }
 
 export async function run(argv: string[], out: NodeJS.WritableStream): Promise<number> {
-  const args = parseArgs(argv, { flags: ['json'], options: ['sources', 'uri'] });
+  const args = parseArgs(argv, { flags: ['json', 'help'], options: ['sources', 'uri'] });
+  if (args.flags.has('help')) {
+    out.write(HELP);
+    return 0;
+  }
   if (args.positional.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(args.positional[0])}`);
   const { collectHostFacts } = await import('../compat/preflight/collect.ts');
   const { parseCompatQueries } = await import('../compat/preflight/facts.ts');

@@ -55,10 +55,11 @@ const EXIT_LINES = [
   '            2 usage error; 3 qmp/events: transport (no socket, refused, closed, not QMP);',
   '            4 qmp/events: time limit reached (no greeting or reply; --until EVENT not seen)',
   '            watch/report: 0 ok, 1 migration failed, 5 ordering rule broken',
+  '            preflight: 0 every check passed, 1 warnings, 2 a check failed (or preflight could not run)',
 ];
 
 function help(): string {
-  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), '', ...EXIT_LINES, '', 'vfio-mig qmp --help, vfio-mig events --help: options and details', ''].join('\n');
+  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), '', ...EXIT_LINES, '', 'vfio-mig qmp --help, vfio-mig events --help, vfio-mig preflight --help: options and details', ''].join('\n');
 }
 
 export async function main(argv: string[], out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {

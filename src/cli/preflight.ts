@@ -23,6 +23,32 @@ export const usage = [
   '       vfio-mig preflight --xml FILE [--connect URI] [--json]',
 ].join('\n');
 
+const HELP = `usage: ${usage}
+
+Checks whether a VM can live-migrate to a destination, before any downtime: QEMU,
+kernel and libvirt on both ends, each VFIO hostdev's driver and recorded capability,
+P2P, QEMU's migration blockers, postcopy, dirty tracking, pinned-device convergence,
+the downtime limit against the devices' stop-copy data, a downtime prediction, the
+downtime levers that are off, a free compatible device on the destination for every
+hostdev, and vendor findings. Each check: PASS, WARN or FAIL and what to do.
+
+  --to URI           destination libvirt URI (qemu+ssh:// reaches its vfio-mig over ssh)
+  --connect URI      source libvirt URI (default $LIBVIRT_DEFAULT_URI, else qemu:///system)
+  --json             one JSON object (schema vfio-mig/preflight/1)
+  --postcopy         you mean to migrate with --postcopy (refused with VFIO devices)
+  --parallel         you mean to migrate with --parallel (multifd)
+  --link-gbps N      migration link rate (default 10, marked assumed)
+  --dest-facts FILE  destination facts saved by \`vfio-mig host-facts --json\` there
+  --print-xml FILE   write the destination XML (FILE, FILE.persistent) for virsh migrate --xml
+  --timeout S        time the destination may take to answer (default 30)
+  --xml FILE         check a definition against this host as the destination
+
+environment: VFIO_MIG_PEER_COMMAND (JSON argv running vfio-mig on the destination),
+             VFIO_MIG_REMOTE_COMMAND (vfio-mig's path on an ssh destination)
+exit codes: 0 every check passed; 1 warnings; 2 a check failed, or preflight could not run
+details: docs/operations.md
+`;
+
 const VERDICT = { pass: 'PASS', warn: 'WARN', fail: 'FAIL' } as const;
 
 function answer<T>(f: () => T): Answer<T> {
@@ -103,7 +129,11 @@ export function setPreflightDeps(deps: PreflightDeps | undefined): void {
 }
 
 export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number> {
-  const args = parseArgs(argv, { flags: ['json', 'postcopy', 'parallel'], options: ['to', 'xml', 'connect', 'link-gbps', 'dest-facts', 'print-xml', 'timeout'] });
+  const args = parseArgs(argv, { flags: ['json', 'postcopy', 'parallel', 'help'], options: ['to', 'xml', 'connect', 'link-gbps', 'dest-facts', 'print-xml', 'timeout'] });
+  if (args.flags.has('help')) {
+    out.write(HELP);
+    return 0;
+  }
   const one = (name: string): string | undefined => args.options.get(name)?.at(-1);
   const json = args.flags.has('json');
   const timeoutS = positiveNumber('timeout', one('timeout'), 3600) ?? 30;
