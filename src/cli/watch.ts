@@ -214,6 +214,11 @@ function settled(src: End, dst: End, status: string): boolean {
   };
   const lastRunstate = (end: End): string | undefined => end.record.events.filter((e) => e.event === 'STOP' || e.event === 'RESUME').at(-1)?.event;
   const srcStates = devStates(src);
+  // A VM paused when its migration began stays paused on the destination: no RESUME comes.
+  const setupAt = src.record.events.findIndex((e) => e.event === 'MIGRATION' && e.data.status === 'setup');
+  const runstateBefore = src.record.events.slice(0, Math.max(0, setupAt)).filter((e) => e.event === 'STOP' || e.event === 'RESUME').at(-1)?.event;
+  const pausedAtStart = runstateBefore ? runstateBefore === 'STOP' : src.record.initialStatus !== undefined && src.record.initialStatus !== 'running';
+  if (status === 'completed' && pausedAtStart) return !dst.alive || dst.record.migrate?.status === 'completed';
   if (status === 'completed') {
     const dstStates = devStates(dst);
     const dstDone = !dst.alive || (lastRunstate(dst) === 'RESUME' && [...dstStates.values()].every((s) => s === 'running') && dst.record.migrate?.status === 'completed');

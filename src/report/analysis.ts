@@ -279,6 +279,20 @@ export function analyze(tl: Timeline): Analysis {
     }
     failure = { phase, devices: blamed.map((b) => b.id), detail: parts.join('; ') };
     reason = parts.join('; ');
+  } else if (tl.origin === 'watch' && sourcePausedAtStart(tl, src)) {
+    // A VM that was paused when the migration started arrives paused: QEMU does not start
+    // it on the destination, so its devices stay loaded but not running until someone
+    // sends `cont`. That is not a failure; a device that never got its state is.
+    const unloaded = devices.filter((d) => (d.source.length || d.destination.length) && !d.destination.length);
+    const resumedLater = dst.some((m) => m.kind === 'resume');
+    if (unloaded.length && !resumedLater) {
+      verdict = 'failed';
+      failure = { phase: 'resume', devices: unloaded.map((d) => d.id), detail: 'no state on the destination' };
+      reason = `the migration completed but ${unloaded.map(label).join(', ')} reported no state on the destination`;
+    } else {
+      reason = `the migration completed; the VM was paused before it and stays paused on the destination (devices: ${devices.map((d) => `${d.id} ${d.final.destination}`).join(', ') || 'none'})`;
+      notes.push('the source VM was paused when the migration started: the destination keeps it paused (no RESUME expected)');
+    }
   } else {
     // After a completed migration the source's copy is stopped for good: each device that
     // QEMU reported on must run on the destination.
@@ -314,6 +328,18 @@ export function analyze(tl: Timeline): Analysis {
     qemu,
     notes,
   };
+}
+
+/** Was the source VM stopped when its migration began (so the destination stays paused)? */
+function sourcePausedAtStart(tl: Timeline, src: Mark[]): boolean {
+  const setup = first(src, (m) => m.kind === 'migration' && m.status === 'setup');
+  const before = setup >= 0 ? src.slice(0, setup) : [];
+  for (let i = before.length - 1; i >= 0; i--) {
+    if (before[i]!.kind === 'stop') return true;
+    if (before[i]!.kind === 'resume') return false;
+  }
+  const initial = tl.initialStatus.source;
+  return initial !== undefined && initial !== 'running' && initial !== 'inmigrate';
 }
 
 function labelOf(devices: DeviceReport[], id: string): string {

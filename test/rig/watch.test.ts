@@ -179,3 +179,26 @@ test.serial('edu with a failed STOP_COPY arc on the source: watch says failed, n
   t.is(st.status, 'running');
   t.is(w.analysis.devices[0]?.final.source, 'running');
 });
+
+test.serial('mtty x1, VM paused before the migration: ok, the destination stays paused; cont then runs the device', async (t) => {
+  const p = await startPair(t, [mttyDevice(MTTY_UUIDS[0]!, 'dev0')], [mttyDevice(MTTY_UUIDS[2]!, 'dev0')]);
+  await ioBars(p.src, 'dev0');
+  const watch = startWatch(p, 'mtty-x1-paused');
+  await watch.ready;
+  await p.src.qmp.execute('stop');
+  await migrate(p);
+  const w = await watch.done;
+  t.log(`verdict ${w.analysis.verdict}: ${w.analysis.reason}`);
+  for (const d of w.analysis.devices) t.log(`${d.id}: ${d.source.join(' -> ')} | ${d.destination.join(' -> ')}`);
+  t.is(w.code, 0, w.stderr);
+  t.is(w.analysis.verdict, 'ok');
+  t.deepEqual(w.analysis.violations, []);
+  const d = w.analysis.devices[0]!;
+  t.true(d.source.includes('stop-copy'));
+  t.is(((await p.dst.qmp.execute('query-status')) as { status: string }).status, 'paused');
+  // `cont` on the destination starts the VM and its device, in the P2P order.
+  const since = p.dst.qmp.lastSeq;
+  await p.dst.qmp.execute('cont');
+  const ev = await p.dst.qmp.waitFor('VFIO_MIGRATION', (e) => e.data['device-state'] === 'running', 30_000, { since });
+  t.truthy(ev);
+});

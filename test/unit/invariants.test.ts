@@ -75,6 +75,22 @@ test('real recording of a failed STOP_COPY arc: failed, in the switchover, namin
   t.is(a.devices[0]!.final.source, 'running');
 });
 
+test('real recording of a VM paused before its migration: ok, the destination stays paused (no RESUME expected)', (t) => {
+  const tl = parseTimeline(load('mtty-x1-paused.json'));
+  t.deepEqual(checkInvariants(tl), [], 'the device stopped after QMP STOP: the VM was already stopped');
+  const a = analyze(tl);
+  t.is(a.verdict, 'ok', a.reason);
+  t.deepEqual(a.devices[0]!.source, ['running-p2p', 'stop', 'stop-copy', 'stop']);
+  t.deepEqual(a.devices[0]!.destination, ['resuming']);
+  t.regex(a.reason, /paused before it and stays paused on the destination/);
+  // The same recording without the pause is a migration whose destination never ran.
+  const rec = load('mtty-x1-paused.json');
+  rec.source.events = rec.source.events.filter((e) => e.event !== 'STOP');
+  rec.source.initialStatus = 'running';
+  const b = analyze(parseTimeline(rec));
+  t.not(b.verdict, 'ok');
+});
+
 test('timestamps do not matter within a side, only the order: shuffled clocks stay ok', (t) => {
   const rec = load('mtty-x2.json');
   // Reverse every timestamp of the source (receive order kept).
