@@ -3,7 +3,7 @@
 // `<qemu:override>` frontend properties and `<qemu:commandline>` `-set device.ID.P=V` /
 // `-global vfio-pci.P=V` arguments - and the guest's memory size.
 
-import { DomainXml, QEMU_NS, formatBdf, type Hostdev, type XmlElement } from '../../libvirt/domain-xml.ts';
+import { QEMU_NS, formatBdf, unescapeXml, type DomainXml, type Hostdev, type XmlElement } from '../../libvirt/domain-xml.ts';
 
 export interface VfioHostdev {
   index: number;
@@ -41,11 +41,11 @@ function elements(el: XmlElement): XmlElement[] {
 
 function attr(el: XmlElement, name: string): string | undefined {
   const a = el.attrs.find(([k]) => k === name);
-  return a?.[1].replace(/&apos;/g, "'").replace(/&quot;/g, '"').replace(/&lt;/g, '<').replace(/&gt;/g, '>').replace(/&amp;/g, '&');
+  return a === undefined ? undefined : unescapeXml(a[1]);
 }
 
 function text(el: XmlElement): string {
-  return el.children.map((c) => (c.kind === 'text' ? c.raw : '')).join('').trim();
+  return unescapeXml(el.children.map((c) => (c.kind === 'text' ? c.raw : '')).join('')).trim();
 }
 
 function isQemuNs(el: XmlElement, root: XmlElement, local: string): boolean {
@@ -98,7 +98,7 @@ export function domainView(xml: DomainXml): DomainView {
   const skipped: string[] = [];
   const all = xml.hostdevs();
   for (const h of all) {
-    const vfio = toVfio(h, hostdevs.length);
+    const vfio = toVfio(h);
     if (!vfio) {
       skipped.push(`#${h.index} type=${h.type}${h.alias ? ` (${h.alias})` : ''}`);
       continue;
@@ -112,7 +112,7 @@ export function domainView(xml: DomainXml): DomainView {
   return { name: xml.name ?? '(unnamed)', xml, hostdevs, memoryBytes: memoryOf(xml.root), skipped };
 }
 
-function toVfio(h: Hostdev, _n: number): VfioHostdev | undefined {
+function toVfio(h: Hostdev): VfioHostdev | undefined {
   let device: string | undefined;
   let kind: 'pci' | 'mdev';
   if (h.type === 'pci' && h.pci) {
