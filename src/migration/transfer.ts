@@ -22,7 +22,7 @@ import type { Coordinator } from './coordinator.ts';
 import { StreamWriter, readStream, StreamError, type CompatDescriptor, type StreamDevice, type StreamEvent, type Sink, type ByteInput, type StreamLimits, type ReaderStats } from './stream.ts';
 import { readToEnd, writeAll, type DataFd } from '../vfio/data.ts';
 import { ProgressMeter, type ProgressSnapshot } from './progress.ts';
-import type { Transport } from './transport.ts';
+import { TransportError, type Transport } from './transport.ts';
 
 /** The compatibility descriptor of a source device (src/compat builds it). */
 export type Describe = (device: string) => CompatDescriptor | Promise<CompatDescriptor>;
@@ -150,6 +150,8 @@ export interface ReceiveOptions {
   onProgress?: (p: ProgressSnapshot) => void;
   progressIntervalMs?: number;
   signal?: AbortSignal;
+  /** Longest wait for the next piece of the stream (default: none for loadSet, 60 s for receiveDevices). */
+  idleTimeoutMs?: number;
   /** Filled in by the reader (tests). */
   stats?: ReaderStats;
 }
@@ -238,9 +240,24 @@ const EMPTY = Buffer.alloc(0);
  */
 export async function loadSet(destination: Coordinator, src: ByteInput, route: Route, accept: Accept, opts: ReceiveOptions = {}): Promise<ReceiveResult> {
   const events = readStream(src, { ...(opts.limits ? { limits: opts.limits } : {}), ...(opts.stats ? { stats: opts.stats } : {}) });
+  // Every read is bounded by the idle time and cancellable, so a sender that stalls or a
+  // caller that gives up does not leave the devices in RESUMING.
   const next = async (): Promise<StreamEvent | undefined> => {
-    const r = await events.next();
-    return r.done ? undefined : r.value;
+    if (opts.signal?.aborted) throw new StreamError('MISUSE', 'the transfer was cancelled');
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const limits = new Promise<never>((_, reject) => {
+      if (opts.idleTimeoutMs !== undefined) timer = setTimeout(() => reject(new StreamError('TRUNCATED', `no data for ${opts.idleTimeoutMs} ms: the sender stalled`)), opts.idleTimeoutMs);
+      onAbort = () => reject(new StreamError('MISUSE', 'the transfer was cancelled'));
+      opts.signal?.addEventListener('abort', onAbort, { once: true });
+    });
+    try {
+      const r = await Promise.race([events.next(), limits]);
+      return r.done ? undefined : r.value;
+    } finally {
+      clearTimeout(timer);
+      if (onAbort) opts.signal?.removeEventListener('abort', onAbort);
+    }
   };
 
   // 1. Descriptors, routes and the compatibility check, every device still RUNNING.
@@ -268,7 +285,9 @@ export async function loadSet(destination: Coordinator, src: ByteInput, route: R
     if (missing.length) throw new StreamError('REFUSED', `the stream has no state for ${missing.join(', ')}`);
     if (opts.signal?.aborted) throw new StreamError('MISUSE', 'the transfer was cancelled');
   } catch (err) {
-    await events.return(undefined).catch(() => undefined);
+    // Not awaited: a read may be pending (an idle timeout), and a generator returns only
+    // after it; it ends when the input does (receiveDevices closes the transport).
+    void events.return(undefined).catch(() => undefined);
     throw err;
   }
 
@@ -307,7 +326,7 @@ export async function loadSet(destination: Coordinator, src: ByteInput, route: R
     stop.abort();
     // No write is left running on a fd when the devices are reset.
     await Promise.allSettled(queues.map((q) => q.flush()));
-    await events.return(undefined).catch(() => undefined);
+    void events.return(undefined).catch(() => undefined);
     await destination.rollback().catch(() => undefined);
     throw err;
   } finally {
@@ -424,8 +443,12 @@ export async function sendDevices(coordinator: Coordinator, describe: Describe, 
     try {
       result = await saveSet(coordinator, describe, (b) => transport.write(b), { ...opts, signal: stop.signal });
     } catch (err) {
-      // saveSet rolled the source back; prefer the receiver's reason over a broken pipe.
-      const v = early ?? (await Promise.race([verdict.catch(() => undefined), new Promise<undefined>((r) => setTimeout(() => r(undefined), 2000).unref())]));
+      // saveSet rolled the source back. When the connection broke, the receiver may have
+      // said why: prefer its reason over a broken pipe. Then the connection is torn down,
+      // so a receiver still reading sees the stream cut and resets its devices.
+      let v = early;
+      if (!v && err instanceof TransportError) v = await Promise.race([verdict.catch(() => undefined), new Promise<undefined>((r) => setTimeout(() => r(undefined), 2000).unref())]);
+      transport.close();
       if (v && !v.ok) throw refused(v);
       throw err;
     }
@@ -444,7 +467,10 @@ export async function sendDevices(coordinator: Coordinator, describe: Describe, 
     }
     return { ...result, receiver: v };
   } catch (err) {
-    if (err instanceof TransferError && err.code === 'NO_VERDICT') await coordinator.rollback().catch(() => undefined);
+    if (err instanceof TransferError && err.code === 'NO_VERDICT') {
+      transport.close();
+      await coordinator.rollback().catch(() => undefined);
+    }
     throw err;
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
@@ -465,7 +491,7 @@ export interface ReceiveDevicesOptions extends ReceiveOptions {
 export async function receiveDevices(coordinator: Coordinator, transport: Transport, route: Route, accept: Accept, opts: ReceiveDevicesOptions = {}): Promise<ReceiveResult> {
   let result: ReceiveResult;
   try {
-    result = await loadSet(coordinator, transport.readable, route, accept, opts);
+    result = await loadSet(coordinator, transport.readable, route, accept, { idleTimeoutMs: 60_000, ...opts });
   } catch (err) {
     const e = err as { message?: string; code?: unknown; device?: unknown };
     const v: Verdict = { ok: false, error: String(e?.message ?? err), ...(typeof e?.code === 'string' ? { code: e.code } : {}), ...(typeof e?.device === 'string' ? { device: e.device } : {}) };

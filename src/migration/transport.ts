@@ -265,6 +265,8 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
   const maxRefused = opts.maxRefused ?? 16;
   const refused: { peer: string; reason: string }[] = [];
   let settled = false;
+  // Set once listening; a listen error may call fail() before.
+  const timers: { accept?: NodeJS.Timeout } = {};
   let resolveAccept!: (t: Transport) => void;
   let rejectAccept!: (e: unknown) => void;
   const accepted = new Promise<Transport>((res, rej) => {
@@ -313,7 +315,7 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
     // Single use: the token is forgotten and nobody else gets in.
     settled = true;
     token?.fill(0);
-    clearTimeout(acceptTimer);
+    clearTimeout(timers.accept);
     server.close();
     sock.write(ACK);
     resolveAccept(streamTransport(sock, sock, peer, () => sock.destroy()));
@@ -348,7 +350,7 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
     if (settled) return;
     settled = true;
     token?.fill(0);
-    clearTimeout(acceptTimer);
+    clearTimeout(timers.accept);
     server.close();
     rejectAccept(err);
   };
@@ -368,7 +370,7 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
   const addr = server.address();
   const bound: Endpoint = 'path' in endpoint ? endpoint : { host: endpoint.host, port: typeof addr === 'object' && addr ? addr.port : endpoint.port };
   const acceptMs = opts.acceptTimeoutMs ?? 120_000;
-  const acceptTimer = setTimeout(() => fail(new TransportError('TIMEOUT', `no authenticated sender on ${describeEndpoint(bound)} within ${acceptMs} ms`)), acceptMs);
+  timers.accept = setTimeout(() => fail(new TransportError('TIMEOUT', `no authenticated sender on ${describeEndpoint(bound)} within ${acceptMs} ms`)), acceptMs);
 
   return {
     endpoint: bound,

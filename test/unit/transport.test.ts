@@ -16,6 +16,8 @@ import { sendDevices, receiveDevices, writeDevices, acceptSameIdentity, Transfer
 import { readStream } from '../../src/migration/stream.ts';
 import { listen, connect, newToken, streamTransport, TransportError, type PkiFiles, type Listener, type Transport } from '../../src/migration/transport.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
+import { SysError } from '../../src/host/sys.ts';
+import { Errno } from '../../src/host/errno.ts';
 
 const fake = installFake(test);
 const SRC = ['0000:a0:00.0', '0000:a0:00.1'];
@@ -156,6 +158,70 @@ test.serial('a receiver that refuses the descriptors answers why; the sender rol
     t.is(writes, 0);
   } finally {
     for (const d of [...srcDevs, ...dstDevs]) await d.close();
+  }
+});
+
+test.serial('a source that fails mid-stream cuts the connection; the receiver resets its devices, never commits', async (t) => {
+  fake.resetAll();
+  const token = newToken();
+  const listener = await listen({ host: '127.0.0.1', port: 0 }, { token });
+  const srcDevs = SRC.map((id) => VfioDevice.open(id));
+  const dstDevs = DST.map((id) => VfioDevice.open(id));
+  for (const id of DST) fake.device(id).payload = Buffer.alloc(fake.device(id).spec.stateSize, 5);
+  const old = DST.map((id) => fake.device(id).digest());
+  let reads = 0;
+  const realRead = fake.read.bind(fake);
+  fake.read = async (fd, buf, len) => {
+    if (++reads === 4) throw new SysError('read', Errno.EIO);
+    return realRead(fd, buf, len);
+  };
+  try {
+    const src = await Coordinator.create(srcDevs);
+    const dst = await Coordinator.create(dstDevs);
+    const receiving = listener.accept().then((tr) => receiveDevices(dst, tr, route, acceptSameIdentity(describe)));
+    receiving.catch(() => undefined);
+    await src.quiesce();
+    await src.stopCopy();
+    await t.throwsAsync(sendDevices(src, describe, await connect(listener.endpoint, { token }), { chunkSize: 1000 }), { message: /EIO/ });
+    const err = await t.throwsAsync(receiving);
+    t.regex(err?.message ?? '', /closed|truncated/);
+    for (const id of [...SRC, ...DST]) t.is(fake.device(id).state, MigState.Running, id);
+    t.deepEqual(DST.map((id) => fake.device(id).digest()), old, 'the partial state was never committed');
+    t.true(dstEvents().some((e) => e.kind === 'reset'), 'RESUMING ended by a reset');
+  } finally {
+    fake.read = realRead;
+    for (const d of [...srcDevs, ...dstDevs]) await d.close();
+  }
+});
+
+test.serial('a sender that stalls is given up after the idle time; the receiver resets its devices', async (t) => {
+  fake.resetAll();
+  const token = newToken();
+  const listener = await listen({ host: '127.0.0.1', port: 0 }, { token });
+  const dstDevs = DST.map((id) => VfioDevice.open(id));
+  const tr = await connect(listener.endpoint, { token }).then((x) => x, (e: unknown) => Promise.reject(e));
+  try {
+    const dst = await Coordinator.create(dstDevs);
+    const receiving = listener.accept().then((r) => receiveDevices(dst, r, route, () => ({ ok: true }), { idleTimeoutMs: 300, drainMs: 100 }));
+    // Descriptors and a little of one device, then silence (the sender hangs).
+    void writeDevices((b) => tr.write(b), [
+      {
+        device: SRC[0]!,
+        descriptor: identity,
+        read: async (sink) => {
+          await sink(Buffer.alloc(100));
+          await new Promise((r) => setTimeout(r, 5000).unref());
+          return 100;
+        },
+      },
+      { device: SRC[1]!, descriptor: identity, read: async () => 0 },
+    ]).catch(() => undefined);
+    await t.throwsAsync(receiving, { message: /no data for 300 ms: the sender stalled/ });
+    for (const id of DST) t.is(fake.device(id).state, MigState.Running, id);
+    t.true(dstEvents().some((e) => e.kind === 'reset'), 'RESUMING ended by a reset');
+  } finally {
+    tr.close();
+    for (const d of dstDevs) await d.close();
   }
 });
 
