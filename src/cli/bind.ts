@@ -38,7 +38,12 @@ export function render(report: BindReport, all: boolean): string {
     lines.push(
       table(
         ['ADDRESS', 'ACTION', 'DRIVER', 'REASON'],
-        shown.map((r) => [r.address, r.action, driverCol(r.previous, r.current, r.chosen, r.action), r.error ?? (r.steps ? `${r.detail}; ${r.steps.join(', ')}` : `${r.reason}: ${r.detail}`)]),
+        shown.map((r) => [
+          r.address,
+          r.action,
+          driverCol(r.previous, r.current, r.chosen, r.action),
+          r.error ?? (r.steps ? `${r.detail}; ${r.steps.join(', ')}` : `${r.reason}: ${r.detail}${r.afterBind ? `; ${r.afterBind}` : ''}`),
+        ]),
       ).trimEnd(),
     );
   }
