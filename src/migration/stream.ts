@@ -52,8 +52,9 @@ export const DEFAULT_FRAME = 1 << 20;
 /**
  * The compatibility descriptor of a device as the stream carries it: an opaque JSON
  * object (src/compat builds it). The stream checks only the fields a receiver relies on,
- * when present: vendor, device, driver, migration_version (strings, or integers for the
- * PCI ids).
+ * when present and not null: the PCI ids (vendor, device, subsystem ids: strings or
+ * integers), driver, and the migration version (migration_version, or migrationVersion
+ * as a string or src/compat's { present, value }).
  */
 export type CompatDescriptor = Readonly<Record<string, unknown>>;
 
@@ -395,15 +396,26 @@ function parseEnvelope(json: Buffer, index: number, limits: StreamLimits): Strea
   const device = v.device;
   const d = v.descriptor;
   if (!isPlainObject(d)) throw new StreamError('CORRUPT', 'the compatibility descriptor is not a JSON object', device);
-  for (const key of ['vendor', 'device', 'deviceId', 'subsystem_vendor', 'subsystem_device']) {
+  // src/compat's DeviceDescriptor uses null for "not known"; older or other senders may
+  // leave a field out. Both are fine; a present value must have the expected shape.
+  for (const key of ['vendor', 'device', 'deviceId', 'subsystemVendor', 'subsystemDevice', 'subsystem_vendor', 'subsystem_device']) {
     const x = d[key];
-    if (x === undefined) continue;
+    if (x === undefined || x === null) continue;
     const ok = (typeof x === 'string' && x.length <= 64) || (Number.isSafeInteger(x) && (x as number) >= 0);
     if (!ok) throw new StreamError('CORRUPT', `descriptor field ${key} is not a PCI id`, device);
   }
-  for (const [key, max] of [['driver', 256], ['migration_version', limits.maxDescriptor], ['migrationVersion', limits.maxDescriptor]] as const) {
-    const x = d[key];
-    if (x !== undefined && !(typeof x === 'string' && x.length <= max)) throw new StreamError('CORRUPT', `descriptor field ${key} is not a string of at most ${max} characters`, device);
+  const text = (key: string, x: unknown, max: number) => {
+    if (x !== undefined && x !== null && !(typeof x === 'string' && x.length <= max)) throw new StreamError('CORRUPT', `descriptor field ${key} is not a string of at most ${max} characters`, device);
+  };
+  text('driver', d.driver, 256);
+  text('migration_version', d.migration_version, limits.maxDescriptor);
+  // migrationVersion: a string, or src/compat's { present, value? | error? }.
+  const mv = d.migrationVersion;
+  if (isPlainObject(mv)) {
+    if (typeof mv.present !== 'boolean') throw new StreamError('CORRUPT', 'descriptor field migrationVersion.present is not a boolean', device);
+    text('migrationVersion.value', mv.value, limits.maxDescriptor);
+  } else {
+    text('migrationVersion', mv, limits.maxDescriptor);
   }
   const out: StreamDevice = { index, device, descriptor: d };
   if (v.estimate !== undefined) {

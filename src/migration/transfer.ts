@@ -338,21 +338,33 @@ export async function loadSet(destination: Coordinator, src: ByteInput, route: R
   return result;
 }
 
+/** The migration version a descriptor carries: migration_version, or migrationVersion (a string or src/compat's { present, value }). */
+export function migrationVersionOf(d: CompatDescriptor): string | undefined {
+  if (typeof d.migration_version === 'string') return d.migration_version;
+  const mv = d.migrationVersion;
+  if (typeof mv === 'string') return mv;
+  if (typeof mv === 'object' && mv !== null && typeof (mv as { value?: unknown }).value === 'string') return (mv as { value: string }).value;
+  return undefined;
+}
+
 /**
  * A simple `accept`: the incoming descriptor must name the same vendor, device and
- * driver as the destination's, and the same migration_version when either has one.
- * (src/compat decides real compatibility; this is the strict fallback.)
+ * driver as the destination's (where both know them), and the same migration version
+ * when either has one. src/compat decides real compatibility (checkCompatibility: the
+ * driver's own migration_version answer, vendor rules); this is the strict fallback.
  */
 export function acceptSameIdentity(describeDestination: (device: string) => CompatDescriptor | Promise<CompatDescriptor>): Accept {
   return async (incoming, dst) => {
     const mine = await describeDestination(dst);
-    for (const key of ['vendor', 'device', 'driver', 'migration_version']) {
+    for (const key of ['vendor', 'device', 'driver']) {
       const a = incoming[key];
       const b = mine[key];
-      if (a === undefined && b === undefined) continue;
-      if (key !== 'migration_version' && (a === undefined || b === undefined)) continue;
+      if (a === undefined || a === null || b === undefined || b === null) continue;
       if (String(a).toLowerCase() !== String(b).toLowerCase()) return { ok: false, reason: `${key} ${JSON.stringify(a)} does not match ${JSON.stringify(b)}` };
     }
+    const a = migrationVersionOf(incoming);
+    const b = migrationVersionOf(mine);
+    if ((a !== undefined || b !== undefined) && a !== b) return { ok: false, reason: `migration_version ${JSON.stringify(a ?? null)} does not match ${JSON.stringify(b ?? null)}` };
     return { ok: true };
   };
 }
@@ -383,8 +395,8 @@ function encodeVerdict(v: Verdict): Buffer {
   return Buffer.concat([VERDICT_MAGIC, len, json]);
 }
 
-/** Reads the receiver's verdict frame from `input` (bounded in size). */
-async function readVerdict(input: AsyncIterable<Buffer>): Promise<Verdict> {
+/** Reads the receiver's verdict frame from `input` (bounded in size); the engine reads it itself while it streams pre-copy data. */
+export async function readVerdict(input: AsyncIterable<Buffer>): Promise<Verdict> {
   const parts: Buffer[] = [];
   let have = 0;
   let need = 12;

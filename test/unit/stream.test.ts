@@ -249,6 +249,44 @@ test('descriptors are validated: size limit, name, the fields a receiver relies 
   t.is(big?.code, 'TOO_LARGE');
 });
 
+test("src/compat's descriptor shape passes (nulls, migrationVersion as an object), and travels unchanged", async (t) => {
+  // The shape of src/compat's DeviceDescriptor (schema 1), as describeDevice() builds it.
+  const compat = {
+    schema: 1,
+    id: '0000:01:00.0',
+    kind: 'pci',
+    vendor: '1234',
+    device: '11e8',
+    subsystemVendor: null,
+    subsystemDevice: null,
+    revision: '10',
+    class: '00ff00',
+    physfn: null,
+    driver: 'edu_vfio_pci',
+    module: 'edu_vfio_pci',
+    srcversion: null,
+    moduleVersion: null,
+    buildId: null,
+    firmware: { version: null, psid: null, from: null, note: 'none' },
+    migration: { flags: 7, flagNames: ['STOP_COPY', 'P2P', 'PRE_COPY'], dataSize: '4096', source: 'probe' },
+    mdev: null,
+    kernel: '6.12.0',
+    migrationVersion: { present: true, value: 'edu-1' },
+    vendorAttrs: {},
+    describedAt: '2026-12-05T00:00:00Z',
+  };
+  const parts: Buffer[] = [];
+  const w = new StreamWriter((b) => void parts.push(Buffer.from(b)));
+  await w.begin([{ device: A, descriptor: compat, estimate: 4096 }]);
+  await w.endDevice(0);
+  await w.end();
+  const ev = await collect([Buffer.concat(parts)]);
+  t.like(ev[0], { type: 'devices', devices: [{ index: 0, device: A, estimate: 4096 }] });
+  t.deepEqual(ev[0]!.type === 'devices' && ev[0]!.devices[0]!.descriptor, compat);
+  const bad = { ...compat, migrationVersion: { value: 'edu-1' } };
+  await t.throwsAsync(new StreamWriter(() => undefined).begin([{ device: A, descriptor: bad }]), { message: /migrationVersion.present is not a boolean/ });
+});
+
 test('foreign input, other versions and misuse of the writer are explained', async (t) => {
   await t.throwsAsync(collect([Buffer.from('<domain type="kvm"/>............')]), { message: /not a vfio-mig state stream/ });
   const v3 = await sample();

@@ -115,10 +115,16 @@ test.serial('a foreign stream is refused before RESUMING: no arc, no write on th
     const err = await t.throwsAsync(load([stream], acceptSameIdentity(() => ({ ...identity, [field]: value }))), { instanceOf: StreamError });
     t.is(err?.code, 'REFUSED');
     t.is(err?.device, SRC[0]);
-    t.regex(err?.message ?? '', new RegExp(`${field} .* does not match`));
+    t.regex(err?.message ?? '', new RegExp(`${field} "${identity[field]}" does not match "${value}"`));
     t.deepEqual(dstArcs(), [], `${field}: no destination device left RUNNING`);
     t.is(writes, 0);
   }
+  // src/compat's shape: migrationVersion { present, value }; null fields are not compared.
+  fake.events.length = 0;
+  const compatShaped = acceptSameIdentity(() => ({ vendor: '1234', device: null, driver: 'edu-vfio-pci', migrationVersion: { present: true, value: 'edu-9' } }));
+  const e2 = await t.throwsAsync(load([stream], compatShaped), { instanceOf: StreamError });
+  t.regex(e2?.message ?? '', /migration_version "edu-1" does not match "edu-9"/);
+  t.deepEqual(dstArcs(), []);
   // A callback that refuses the second device: the first is not moved either.
   fake.events.length = 0;
   const err = await t.throwsAsync(load([stream], (_d, dst) => (dst === DST[1] ? { ok: false, reason: 'no P2P on this slot' } : { ok: true })), { instanceOf: StreamError });
