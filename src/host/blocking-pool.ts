@@ -58,8 +58,8 @@ const C = { state: 0, fd: 1, len: 2, events: 3, timeout: 4, newScratch: 5, errno
 const N = { request: 0, result: 1, t0: 2, t1: 3 } as const;
 const CTL_INTS = 8;
 const CTL_NUMS = 4;
-/** C.state: idle, quit, or the op to run. */
-const State = { idle: 0, quit: 1 } as const;
+/** C.state: idle, quit, done (results stored), failed (the worker threw), or the op to run. */
+const State = { idle: 0, quit: 1, done: 6, failed: 7 } as const;
 const Op = { ioctl: 2, read: 3, write: 4, poll: 5 } as const;
 
 // The worker's code, run with `new Worker(code, { eval: true })` so that it needs no file
@@ -67,13 +67,15 @@ const Op = { ioctl: 2, read: 3, write: 4, poll: 5 } as const;
 //
 // Hand-over without messages on the way in: the main thread fills the control block and
 // wakes the worker with Atomics.notify; the worker, parked in Atomics.wait (no event loop,
-// no message to decode), makes the call, stores the results and posts one tiny message
-// back, which wakes the main thread's event loop. Under TCG in the rig this round trip cost
-// about half of a postMessage ping-pong (Atomics.waitAsync on the way back was slower still).
+// no message to decode), makes the call, stores the results and marks itself done; a
+// tiny message wakes the main thread's event loop, which collects every finished thread.
+// Under TCG in the rig this round trip cost about half of a postMessage ping-pong
+// (Atomics.waitAsync on the way back was slower still).
 const WORKER_CODE = `'use strict';
 const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads');
 const ctl = new Int32Array(workerData.control, 0, ${CTL_INTS});
 const num = new Float64Array(workerData.control, ${CTL_INTS * 4}, ${CTL_NUMS});
+const signal = new Int32Array(workerData.signal);
 let koffi, ioctl, read, write, poll, loaded = false;
 const pfd = Buffer.alloc(8);
 let scratch = new Uint8Array(workerData.scratch);
@@ -132,10 +134,12 @@ if (loaded) {
   call(${Op.ioctl});
   parentPort.postMessage('ready');
   for (;;) {
-    Atomics.wait(ctl, ${C.state}, ${State.idle});
     const op = Atomics.load(ctl, ${C.state});
     if (op === ${State.quit}) break;
-    if (op === ${State.idle}) continue;
+    if (op === ${State.idle} || op === ${State.done} || op === ${State.failed}) {
+      Atomics.wait(ctl, ${C.state}, op);
+      continue;
+    }
     if (ctl[${C.newScratch}]) {
       scratch = new Uint8Array(receiveMessageOnPort(parentPort).message);
       ctl[${C.newScratch}] = 0;
@@ -146,8 +150,16 @@ if (loaded) {
     } catch (err) {
       failure = String((err && err.message) || err);
     }
-    Atomics.store(ctl, ${C.state}, ${State.idle});
-    parentPort.postMessage(failure === undefined ? 'done' : { error: failure });
+    if (failure !== undefined) {
+      Atomics.store(ctl, ${C.state}, ${State.failed});
+      parentPort.postMessage({ error: failure });
+    } else {
+      Atomics.store(ctl, ${C.state}, ${State.done});
+      // Only the first thread to finish since the main thread last looked posts a message;
+      // the main thread then collects every finished thread at once (N arcs that end
+      // together cost one wake-up of the event loop, not N).
+      if (Atomics.add(signal, 0, 1) === 0) parentPort.postMessage('done');
+    }
   }
 }
 `;
@@ -193,6 +205,10 @@ export class BlockingPool {
   /** Ready threads without a call, most recently used last (reused first, so the others age out). */
   readonly #idle: Thread[] = [];
   readonly #queue: Pending[] = [];
+  /** Threads running a call. */
+  readonly #busy = new Set<Thread>();
+  /** Shared with every worker: how many finished since the main thread last collected. */
+  readonly #signal = new Int32Array(new SharedArrayBuffer(4));
   #starting = 0;
   #koffiPath: string | undefined;
   #options: PoolOptions;
@@ -269,7 +285,7 @@ export class BlockingPool {
     const scratch = new SharedArrayBuffer(MIN_SCRATCH);
     const worker = new Worker(WORKER_CODE, {
       eval: true,
-      workerData: { koffiPath: this.#koffiPath, control, scratch },
+      workerData: { koffiPath: this.#koffiPath, control, scratch, signal: this.#signal.buffer },
       // Not the parent's flags: under tsx they would load tsx's loader in every thread.
       execArgv: [],
       // The worker never opens or closes fds, and must not close the caller's on exit.
@@ -304,30 +320,45 @@ export class BlockingPool {
       this.#becomeIdle(t);
       return;
     }
-    if (typeof m === 'object' && 'fatal' in m) {
+    if (m === 'done') return this.#collect();
+    if ('fatal' in m) {
       this.#lost(t, new Error(`blocking-call thread could not load koffi/libc: ${m.fatal}`));
       void t.worker.terminate();
       return;
     }
+    // The worker threw (a bad argument reached koffi): fail this call only.
     const p = t.busy;
-    if (!p) return; // a reply without a call cannot happen; ignore rather than crash
+    if (!p || Atomics.load(t.ctl, C.state) !== State.failed) return;
     t.busy = undefined;
-    if (m !== 'done') {
-      p.reject(new Error(`blocking ${p.call.op}: ${'error' in m ? m.error : String(m)}`));
-    } else {
-      const result = t.num[N.result]!;
-      // The kernel wrote into the scratch: copy back what the caller's buffer should hold.
-      if (result > 0 && p.call.op === 'read') p.call.buf.set(t.scratch.subarray(0, result));
-      if (p.call.op === 'ioctl' && p.call.arg && p.call.arg.length > 0) p.call.arg.set(t.scratch.subarray(0, p.call.arg.length));
-      const origin = performance.timeOrigin;
-      p.resolve({
-        result,
-        errno: t.ctl[C.errno]!,
-        revents: p.call.op === 'poll' ? t.ctl[C.revents]! : 0,
-        issuedAt: t.num[N.t0]! - origin,
-        returnedAt: t.num[N.t1]! - origin,
-      });
-    }
+    this.#busy.delete(t);
+    p.reject(new Error(`blocking ${p.call.op}: ${m.error}`));
+    this.#becomeIdle(t);
+  }
+
+  /** Completes every call whose thread has stored its results. */
+  #collect(): void {
+    // Reset first: a thread finishing after this posts again, so none is missed.
+    Atomics.exchange(this.#signal, 0, 0);
+    const finished = [...this.#busy].filter((t) => Atomics.load(t.ctl, C.state) === State.done);
+    for (const t of finished) this.#complete(t);
+  }
+
+  #complete(t: Thread): void {
+    const p = t.busy!;
+    t.busy = undefined;
+    this.#busy.delete(t);
+    const result = t.num[N.result]!;
+    // The kernel wrote into the scratch: copy back what the caller's buffer should hold.
+    if (result > 0 && p.call.op === 'read') p.call.buf.set(t.scratch.subarray(0, result));
+    if (p.call.op === 'ioctl' && p.call.arg && p.call.arg.length > 0) p.call.arg.set(t.scratch.subarray(0, p.call.arg.length));
+    const origin = performance.timeOrigin;
+    p.resolve({
+      result,
+      errno: t.ctl[C.errno]!,
+      revents: p.call.op === 'poll' ? t.ctl[C.revents]! : 0,
+      issuedAt: t.num[N.t0]! - origin,
+      returnedAt: t.num[N.t1]! - origin,
+    });
     this.#becomeIdle(t);
   }
 
@@ -353,6 +384,7 @@ export class BlockingPool {
       t.ctl[C.timeout] = call.timeoutMs;
     }
     t.busy = p;
+    this.#busy.add(t);
     t.worker.ref();
     Atomics.store(t.ctl, C.state, Op[call.op]);
     Atomics.notify(t.ctl, C.state);
@@ -406,8 +438,11 @@ export class BlockingPool {
     for (const w of t.waiters.splice(0)) w.reject(err);
     const p = t.busy;
     t.busy = undefined;
+    this.#busy.delete(t);
     // The thread is gone, so its call is no longer running: settling now is safe.
     p?.reject(err);
+    // Its 'done' message (for itself or others) may be lost with it: collect now.
+    this.#collect();
     if (!t.ready && this.#threads.size === 0) {
       // Nothing can run the queued calls (start-up fails): they never ran and never will.
       for (const q of this.#queue.splice(0)) q.reject(err);
