@@ -228,7 +228,7 @@ export async function preflightXml(input: XmlInput, deps: PreflightDeps): Promis
   // Dirty tracking matters on the sending side only: here it is about a later migration onward.
   for (const h of hostdevs) {
     const c = dirtyTrackingCheck(h, facts.kernelConfig.iommufdDriver, findDevice(facts.devices, h.device), 'destination');
-    checks.push(c.verdict === 'fail' ? { ...c, verdict: 'warn', detail: `for a later migration from this host: ${c.detail}` } : c);
+    checks.push(c.verdict === 'pass' ? c : { ...c, verdict: 'warn', detail: `for a later migration from this host: ${c.detail}` });
   }
   for (const d of descriptors) {
     const h = hostdevs.find((x) => x.alias === d.alias)!;
