@@ -29,7 +29,7 @@ const VFIO_MIG_NS = 'https://vfio-mig.org/xmlns/domain/1';
 export const MAX_STDIN_BYTES = 4 * 1024 * 1024;
 const STDIN_TIMEOUT_MS = 10_000;
 
-/** Whether the text may hold a VFIO hostdev (or our metadata): the cheap pre-check. */
+/** Whether the text may hold a VFIO hostdev (or our metadata): the cheap pre-check (hooks/qemu has a copy). */
 export function mayHaveVfio(xml: string): boolean {
   return /<hostdev[\s>/]/.test(xml) || /<interface\b[^>]*\btype\s*=\s*["']hostdev["']/.test(xml) || xml.includes(VFIO_MIG_NS);
 }
@@ -146,7 +146,11 @@ export async function qemuHook(argv: string[], io: Partial<HookIo> = {}): Promis
   }
 }
 
-/** Entry of the built hook (dist) and of the shim's tsx fallback. */
-export async function runQemuHook(): Promise<void> {
-  process.exitCode = await qemuHook(process.argv.slice(2));
+/**
+ * Entry of the built hook (dist) and of the shim's tsx fallback. The shim has read
+ * stdin already (to let a domain without hostdevs pass without loading any of this)
+ * and hands over what it read; without it, stdin is read here.
+ */
+export async function runQemuHook(input?: StdinResult): Promise<void> {
+  process.exitCode = await qemuHook(process.argv.slice(2), input ? { stdin: async () => input } : {});
 }
