@@ -61,18 +61,31 @@ interface Step {
   state: string;
   /** Every device's state just before this mark (absent: never reported, i.e. still RUNNING). */
   others: Map<string, string>;
+  /** Devices that are RUNNING because QEMU reset them after a failed arc (see below). */
+  recovered: Set<string>;
 }
 
-/** Walks one side's device transitions with the state of every device at each step. */
+/**
+ * Walks one side's device transitions with the state of every device at each step.
+ *
+ * A device that reaches RUNNING from a stopped or P2P state outside a VM start (not right
+ * after RESUME) was put there by QEMU's recovery: a failed arc in a VM-state handler resets
+ * the device (VFIO_DEVICE_RESET leaves it RUNNING), and a failed migration moves every device
+ * back to RUNNING. QEMU gives no ordering guarantee on that path, so the P2P rules do not
+ * hold such a device against the others; the migration fails and the verdict says so.
+ */
 function* transitions(marks: Mark[]): Generator<Step> {
   const current = new Map<string, string>();
+  const recovered = new Set<string>();
   for (let index = 0; index < marks.length; index++) {
     const mark = marks[index]!;
     if ((mark.kind !== 'device' && mark.kind !== 'reset') || !mark.device || !mark.state) continue;
     // A device QEMU never reported on is where it started: RUNNING.
     const prev = current.get(mark.device) ?? 'running';
-    yield { mark, index, device: mark.device, prev, state: mark.state, others: new Map(current) };
+    yield { mark, index, device: mark.device, prev, state: mark.state, others: new Map(current), recovered: new Set(recovered) };
     current.set(mark.device, mark.state);
+    if (mark.state === 'running' && !RUNNING.has(prev) && (mark.kind === 'reset' || prevNonDevice(marks, index)?.kind !== 'resume')) recovered.add(mark.device);
+    else recovered.delete(mark.device);
   }
 }
 
@@ -92,7 +105,7 @@ export function checkP2PBeforeStop(tl: Timeline, side: Side = 'source'): Violati
     if (!STOPPED.has(s.state) || !isLive(s.prev)) continue;
     if (!P2P.has(s.prev)) report(s.device, s.mark.t, `${s.device} went from ${s.prev} to ${s.state} on the ${side} without a P2P state first (with ${devices.length} devices each must be running-p2p or pre-copy-p2p before any stops)`);
     for (const other of devices) {
-      if (other === s.device) continue;
+      if (other === s.device || s.recovered.has(other)) continue;
       const st = s.others.get(other) ?? 'running';
       if (RUNNING.has(st) || st === 'pre-copy-p2p-prepare') {
         report(other, s.mark.t, `${other} was still ${st} on the ${side} when ${s.device} reached ${s.state}: every device must be running-p2p or pre-copy-p2p before any device stops`);

@@ -116,7 +116,7 @@ export function renderSvg(tl: Timeline, a: Analysis): string {
   lanes.forEach((lane, i) => {
     const y = laneY(i);
     parts.push(`<g class="lane" data-side="${lane.side}" data-kind="${lane.kind}"${lane.device !== undefined ? ` data-device="${escapeXml(lane.device)}"` : ''}>`);
-    parts.push(`<text x="${LEFT - 6}" y="${y + 15}" text-anchor="end" fill="#212121">${escapeXml(truncate(lane.label, 40))}</text>`);
+    parts.push(`<text x="${LEFT - 6}" y="${y + 15}" text-anchor="end" fill="#212121">${escapeXml(truncate(lane.label, 36))}</text>`);
     parts.push(`<rect x="${LEFT}" y="${y}" width="${plotW}" height="${LANE_H}" fill="#fafafa" stroke="#e0e0e0" stroke-width="0.5"/>`);
     if (lane.kind === 'vcpus') parts.push(...vcpuSegments(tl, lane.side, x, y, t0, t1));
     else parts.push(...stateSegments(sideMarks(tl, lane.side).filter((m) => m.device === lane.device), x, y, t1, tl.origin));

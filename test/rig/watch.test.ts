@@ -202,3 +202,27 @@ test.serial('mtty x1, VM paused before the migration: ok, the destination stays 
   const ev = await p.dst.qmp.waitFor('VFIO_MIGRATION', (e) => e.data['device-state'] === 'running', 30_000, { since });
   t.truthy(ev);
 });
+
+test.serial('two edu devices, the second one failing STOP_COPY on the source: failed, naming that device, not the other', async (t) => {
+  const edus = prepareEdu();
+  if (edus.length < 4) return t.fail(`needs 4 edu devices (VFIO_MIG_RIG_EDU=4), found ${edus.length}`);
+  const [a, b, c, d] = edus as [string, string, string, string];
+  const p = await startPair(t, [eduDevice(a, 'edu0'), eduDevice(b, 'edu1')], [eduDevice(c, 'edu0'), eduDevice(d, 'edu1')]);
+  eduInject(b, '*>STOP_COPY', { mode: 'always' });
+  const watch = startWatch(p, 'edu-x2-fail-stop-copy');
+  await watch.ready;
+  await migrate(p);
+  const w = await watch.done;
+  const fired = Number(eduKnob(b, 'fail_count'));
+  eduKnob(b, 'fail_arc', 'none');
+  t.log(`verdict ${w.analysis.verdict}: ${w.analysis.reason}`);
+  for (const dev of w.analysis.devices) t.log(`${dev.id} (${dev.host}): ${dev.source.join(' -> ')} | ${dev.destination.join(' -> ')}`);
+  for (const v of w.analysis.violations) t.log(`violation: ${v.message}`);
+  t.true(fired >= 1, 'the injected failure fired');
+  t.is(w.code, 1, w.stderr);
+  t.is(w.analysis.verdict, 'failed');
+  t.is(w.analysis.failure?.phase, 'switchover');
+  t.deepEqual(w.analysis.failure?.devices, ['edu1']);
+  t.is(((await p.src.qmp.execute('query-status')) as { status: string }).status, 'running');
+  for (const dev of w.analysis.devices) t.is(dev.final.source, 'running', `${dev.id} runs again on the source`);
+});

@@ -75,6 +75,25 @@ test('real recording of a failed STOP_COPY arc: failed, in the switchover, namin
   t.is(a.devices[0]!.final.source, 'running');
 });
 
+test('real recording, two edu devices, the second failing STOP_COPY: failed naming edu1; the reset device does not count against the P2P rule', (t) => {
+  const rec = load('edu-x2-fail-stop-copy.json');
+  const tl = parseTimeline(rec);
+  // QEMU reset edu1 (RUNNING) and then moved edu0 to STOP_COPY: its recovery path keeps no
+  // P2P order, so the rule exempts a device QEMU put back to RUNNING outside a VM start.
+  t.deepEqual(checkInvariants(tl), []);
+  const a = analyze(tl);
+  t.is(a.verdict, 'failed');
+  t.is(a.failure?.phase, 'switchover');
+  t.deepEqual(a.failure?.devices, ['edu1']);
+  t.deepEqual(a.devices.find((d) => d.id === 'edu0')!.source, ['pre-copy', 'pre-copy-p2p', 'stop-copy', 'running-p2p', 'running']);
+  delete rec.source.migrate!['error-desc'];
+  t.deepEqual(analyze(parseTimeline(rec)).failure?.devices, ['edu1'], 'without QEMU naming it: the device that missed stop-copy');
+  // Had edu1 still been running normally (no reset: it never left pre-copy), that is a violation.
+  const doctored = load('edu-x2-fail-stop-copy.json');
+  doctored.source.events = doctored.source.events.filter((e) => !(e.event === 'VFIO_MIGRATION' && e.data['device-id'] === 'edu1' && e.data['device-state'] !== 'pre-copy'));
+  t.true(checkP2PBeforeStop(parseTimeline(doctored)).some((v) => v.device === 'edu1'));
+});
+
 test('real recording of a VM paused before its migration: ok, the destination stays paused (no RESUME expected)', (t) => {
   const tl = parseTimeline(load('mtty-x1-paused.json'));
   t.deepEqual(checkInvariants(tl), [], 'the device stopped after QMP STOP: the VM was already stopped');
