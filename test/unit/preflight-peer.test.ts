@@ -30,6 +30,7 @@ const noLocal = async (): Promise<HostFacts> => {
 test('routes: ssh URIs go over ssh, local URIs in-process, tcp/tls elsewhere need a command or a file', (t) => {
   t.deepEqual(routeFor('qemu+ssh://root@dst.example.org:2222/system?keyfile=/root/.ssh/id_ed25519'), { kind: 'ssh', host: 'dst.example.org', user: 'root', port: 2222, keyfile: '/root/.ssh/id_ed25519' });
   t.deepEqual(routeFor('qemu+ssh://10.1.2.3/system'), { kind: 'ssh', host: '10.1.2.3' });
+  t.deepEqual(routeFor('qemu+ssh://root@[fd00::2]/system'), { kind: 'ssh', host: 'fd00::2', user: 'root' });
   t.deepEqual(routeFor('qemu:///system'), { kind: 'local' });
   t.deepEqual(routeFor('qemu+unix:///system?socket=/tmp/vfio-mig-lv-x/B/run/libvirt-sock'), { kind: 'local' });
   t.is(routeFor('qemu+tcp://10.77.77.2/system').kind, 'unreachable');

@@ -67,7 +67,8 @@ export function routeFor(uri: string, command?: string[]): PeerRoute {
     const port = u.port ? Number(u.port) : undefined;
     const keyfile = u.searchParams.get('keyfile') ?? undefined;
     if (keyfile !== undefined && !KEYFILE.test(keyfile)) throw new PeerUriError(`keyfile ${JSON.stringify(keyfile)} is not a plain absolute path`);
-    return { kind: 'ssh', host, ...(user ? { user } : {}), ...(port ? { port } : {}), ...(keyfile ? { keyfile } : {}) };
+    // ssh takes an IPv6 address without the URI's brackets.
+    return { kind: 'ssh', host: host.replace(/^\[(.*)\]$/, '$1'), ...(user ? { user } : {}), ...(port ? { port } : {}), ...(keyfile ? { keyfile } : {}) };
   }
   if (transport === 'unix' || !u.hostname || u.hostname === 'localhost' || u.hostname === '127.0.0.1' || u.hostname === '[::1]') return { kind: 'local' };
   return {
