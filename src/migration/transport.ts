@@ -21,6 +21,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { randomBytes, timingSafeEqual } from 'node:crypto';
 import { readFileSync, chmodSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
 
 /** A connected (and, for sockets, authenticated) byte pipe to the peer. */
@@ -132,6 +133,25 @@ export function streamTransport(input: Readable, output: Writable, peer: string,
 export function stdioTransport(): Transport {
   return streamTransport(process.stdin, process.stdout, 'stdio', () => {
     process.stdin.destroy();
+  });
+}
+
+/**
+ * Runs `command args` (directly, no shell) and talks to it over its stdin and stdout: the
+ * sending end of `ssh host vfio-mig receive ...`. The child's stderr (the receiver's
+ * progress and log) passes through unless told otherwise; close() terminates the child.
+ */
+export function spawnTransport(command: string, args: readonly string[], opts: { stderr?: 'inherit' | 'ignore' } = {}): Transport {
+  const child = spawn(command, args, { stdio: ['pipe', 'pipe', opts.stderr ?? 'inherit'] });
+  // A command that cannot start (ENOENT) shows as a failed read and write, not a crash.
+  child.on('error', (e) => {
+    child.stdout.destroy(e);
+    child.stdin.destroy(e);
+  });
+  return streamTransport(child.stdout, child.stdin, `${command} ${args.join(' ')}`.trim(), () => {
+    child.stdin.destroy();
+    child.stdout.destroy();
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
   });
 }
 

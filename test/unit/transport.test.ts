@@ -5,7 +5,7 @@
 // dropped before any byte reaches a device: the destination never leaves RUNNING and no
 // write reaches its fd; the right peer then migrates the set end to end.
 import test from 'ava';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -14,7 +14,7 @@ import { VfioDevice } from '../../src/vfio/device.ts';
 import { Coordinator } from '../../src/migration/coordinator.ts';
 import { sendDevices, receiveDevices, writeDevices, acceptSameIdentity, TransferError, type DeviceSource } from '../../src/migration/transfer.ts';
 import { readStream } from '../../src/migration/stream.ts';
-import { listen, connect, newToken, streamTransport, TransportError, type PkiFiles, type Listener, type Transport } from '../../src/migration/transport.ts';
+import { listen, connect, newToken, spawnTransport, streamTransport, TransportError, type PkiFiles, type Listener, type Transport } from '../../src/migration/transport.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
 import { SysError } from '../../src/host/sys.ts';
 import { Errno } from '../../src/host/errno.ts';
@@ -225,6 +225,15 @@ test.serial('a sender that stalls is given up after the idle time; the receiver 
   }
 });
 
+test.serial('over a pair of pipes (what ssh gives): sendDevices -> receiveDevices with the verdict coming back', async (t) => {
+  const { PassThrough } = await import('node:stream');
+  const toReceiver = new PassThrough();
+  const toSender = new PassThrough();
+  await scenario(t, { refused: [], endpoint: { path: '-' }, accept: async () => streamTransport(toReceiver, toSender, 'stdio'), close: async () => undefined }, [], async () =>
+    streamTransport(toSender, toReceiver, 'ssh'),
+  );
+});
+
 test('listeners bind only the address given, and only with authentication', async (t) => {
   for (const host of ['0.0.0.0', '::', '']) {
     await t.throwsAsync(listen({ host, port: 0 }, { token: newToken() }), { instanceOf: TransportError, message: /wildcard/ });
@@ -260,8 +269,7 @@ await t.write(Buffer.from(JSON.stringify(bytes) + '\\n'));
 await t.end();
 `,
   );
-  const child = spawn(process.execPath, ['--import', 'tsx', script], { stdio: ['pipe', 'pipe', 'inherit'] });
-  const tr = streamTransport(child.stdout, child.stdin, 'child');
+  const tr = spawnTransport(process.execPath, ['--import', 'tsx', script]);
   const gen = (n: number, fill: number): DeviceSource['read'] => async (sink) => {
     for (let i = 0; i < n; i++) await sink(Buffer.alloc(64 * 1024, fill));
     return n * 64 * 1024;
@@ -274,6 +282,11 @@ await t.end();
   let answer = '';
   for await (const piece of tr.readable) answer += piece.toString();
   t.deepEqual(JSON.parse(answer), { a: 40 * 65536, b: 20 * 65536 });
+  // A command that does not exist is a transport error, not a crash.
+  const none = spawnTransport(join(dir, 'no-such-ssh'), ['host']);
+  await t.throwsAsync(async () => {
+    for await (const _ of none.readable) void _;
+  }, { instanceOf: TransportError });
 });
 
 test.serial('backpressure: 1 GiB from two generators through a socket into a sink, RSS stays bounded', async (t) => {
