@@ -153,6 +153,33 @@ test('watch replaying the failed edu migration (the destination QEMU exits): fai
   t.deepEqual(r.analysis.failure?.devices, ['edu0']);
 });
 
+test('watch: a migration that never finishes ends at --timeout with exit 4 and a failed verdict saying so', async (t) => {
+  const rec = load('mtty-x1.json');
+  // Everything up to the first RAM pass after `active`, then silence: QEMU keeps iterating.
+  const active = rec.source.events.findIndex((e) => e.event === 'MIGRATION' && e.data.status === 'active');
+  rec.source.events = rec.source.events.slice(0, active + 1);
+  rec.source.migrate = { status: 'active', ram: { transferred: 1 } };
+  rec.destination.events = rec.destination.events.slice(0, 2);
+  rec.destination.migrate = { status: 'active' };
+  const dir = tmp(t);
+  const s = await replayServer(t, join(dir, 's.qmp'), rec.source);
+  const d = await replayServer(t, join(dir, 'd.qmp'), rec.destination);
+  const out = sink();
+  const err = sink();
+  const running = main(['watch', '--source-qmp', join(dir, 's.qmp'), '--dest-qmp', join(dir, 'd.qmp'), '--json', '--timeout', '2'], out.stream, err.stream);
+  for (let i = 0; i < 400 && !/watching/.test(err.text()); i++) await new Promise((r) => setTimeout(r, 10));
+  d.go();
+  s.go();
+  const started = Date.now();
+  t.is(await running, 4);
+  t.true(Date.now() - started < 4000);
+  const a = JSON.parse(out.text()) as Analysis;
+  t.is(a.verdict, 'failed');
+  t.is(a.status, 'active');
+  t.regex(a.reason, /did not finish while watched \(last status: active\)/);
+  t.true(a.notes.some((n) => /time limit/.test(n)));
+});
+
 test('watch usage: both sockets required, the libvirt form says not yet, bad numbers refused', async (t) => {
   const run = async (args: string[]): Promise<{ code: number; err: string }> => {
     const err = sink();
