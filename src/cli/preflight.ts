@@ -73,7 +73,8 @@ async function defaultDeps(timeoutMs: number): Promise<PreflightDeps> {
   const compat = await compatPort();
   return {
     compat,
-    localFacts: (queries, uri) => collectHostFacts({ compat, queries, ...(uri ? { libvirtUri: uri } : {}) }),
+    // The source's own facts need no in-use probe (it opens /dev/vfio groups): skip it there.
+    localFacts: (queries, uri, role) => collectHostFacts({ compat, queries, ...(uri ? { libvirtUri: uri } : {}), ...(role === 'source' ? { groupInUse: () => null } : {}) }),
     destinationFacts: (req) => destinationFacts({ timeoutMs, ...req }),
   };
 }

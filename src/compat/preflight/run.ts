@@ -34,8 +34,11 @@ export const DEFAULT_LINK_BYTES_PER_SEC = 10e9 / 8;
 
 export interface PreflightDeps {
   compat: CompatPort;
-  /** This host's facts, with compatibility answers for `queries`; `uri` is this host's libvirt. */
-  localFacts(queries: CompatQuery[], uri?: string): Promise<HostFacts>;
+  /**
+   * This host's facts, with compatibility answers for `queries`; `uri` is this host's
+   * libvirt. As the source (`role`), which devices are free does not matter.
+   */
+  localFacts(queries: CompatQuery[], uri?: string, role?: 'source' | 'destination'): Promise<HostFacts>;
   destinationFacts(req: PeerRequest): Promise<PeerFacts>;
 }
 
@@ -98,14 +101,14 @@ function noDevicesCheck(view: DomainView): Check[] {
 export async function preflightDomain(input: DomainInput, deps: PreflightDeps): Promise<PreflightResult> {
   const view = domainView(DomainXml.parse(input.xml));
   const hostdevs = view.hostdevs;
-  const source = await deps.localFacts([]);
+  const source = await deps.localFacts([], undefined, 'source');
   const qemu: QemuFacts | undefined = input.running && input.qmp ? await gatherQemuFacts(input.qmp) : undefined;
   const { descriptors, errors } = await describeAll(deps.compat, hostdevs);
   const queries: CompatQuery[] = descriptors.map((d) => ({ key: d.alias!, descriptor: d.descriptor }));
   const peer = await deps.destinationFacts({
     uri: input.destination.uri,
     queries,
-    local: (q, uri) => deps.localFacts(q, uri),
+    local: (q, uri) => deps.localFacts(q, uri, 'destination'),
     ...(input.destFactsFile ? { factsFile: input.destFactsFile } : {}),
   });
   const dest = peer.facts;
@@ -206,7 +209,7 @@ export async function preflightXml(input: XmlInput, deps: PreflightDeps): Promis
     if (m) descriptors.push({ alias: h.alias, index: h.index, type: h.kind, address: h.device, descriptor: m.descriptor });
     else missing.push(h);
   }
-  const facts = await deps.localFacts(descriptors.map((d) => ({ key: d.alias!, descriptor: d.descriptor })), input.uri);
+  const facts = await deps.localFacts(descriptors.map((d) => ({ key: d.alias!, descriptor: d.descriptor })), input.uri, 'destination');
   const n = hostdevs.length;
   const checks: Check[] = [];
   checks.push(qemuVersionCheck('destination', val(input.qemu) ?? facts.qemu.version ?? undefined, err(input.qemu) ?? facts.qemu.error, n));
