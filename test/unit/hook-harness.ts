@@ -47,7 +47,7 @@ Module._load = function (request, ...rest) {
 export function makePrefix(): Promise<Prefix> {
   const dir = mkdtempSync(join(tmpdir(), 'vfio-mig-prefix-'));
   for (const d of ['hooks', 'bin', 'test-trace']) mkdirSync(join(dir, d));
-  for (const f of ['hooks/qemu', 'hooks/daemon', 'bin/vfio-mig.js', 'bin/launch.mjs', 'package.json']) copyFileSync(join(repo, f), join(dir, f));
+  for (const f of ['hooks/qemu', 'hooks/daemon', 'hooks/package.json', 'bin/vfio-mig.js', 'bin/launch.mjs', 'package.json']) copyFileSync(join(repo, f), join(dir, f));
   symlinkSync(join(repo, 'plugin'), join(dir, 'plugin'));
   symlinkSync(join(repo, 'node_modules'), join(dir, 'node_modules'));
   writeFileSync(join(dir, 'test-trace', 'trace-hooks.mjs'), TRACE_HOOKS);
