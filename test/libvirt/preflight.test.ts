@@ -124,6 +124,20 @@ stest('a domain whose hostdev this machine does not have: the device checks fail
   d.undefine();
 });
 
+stest("QEMU's own migration blockers come through the monitor pass-through: an ivshmem device in peer mode (exit 2)", async (t) => {
+  // ivshmem-plain without master=on installs a real QEMU migration blocker; no VFIO needed to show the check.
+  const xml = tinyDomainXml('vm-pf-blocked').replace('<memballoon', "<shmem name='pfshm'><model type='ivshmem-plain'/><size unit='M'>1</size></shmem>\n    <memballoon");
+  const d = a.defineDomain(xml);
+  domains.push(d);
+  d.start();
+  const r = await runCli(['preflight', 'vm-pf-blocked', '--connect', hosts.a.uri, '--to', hosts.b.uri]);
+  t.log(r.out.split('\n').filter((l) => /qemu-blockers/.test(l) || /^ {6}->/.test(l)).slice(0, 2).join('\n'));
+  t.is(r.code, 2, r.err);
+  t.regex(r.out, /FAIL\s+qemu-blockers\s+source\s+QEMU blocks migration: .*ivshmem/);
+  d.destroy();
+  d.undefine();
+});
+
 stest('an unreachable destination fails the destination-libvirt check', async (t) => {
   const r = await runCli(['preflight', 'vm-pf-none', '--connect', hosts.a.uri, '--to', hosts.b.uri]);
   t.is(r.code, 2);
