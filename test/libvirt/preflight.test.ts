@@ -131,7 +131,9 @@ stest("QEMU's own migration blockers come through the monitor pass-through: an i
   domains.push(d);
   d.start();
   const r = await runCli(['preflight', 'vm-pf-blocked', '--connect', hosts.a.uri, '--to', hosts.b.uri]);
-  t.log(r.out.split('\n').filter((l) => /qemu-blockers/.test(l) || /^ {6}->/.test(l)).slice(0, 2).join('\n'));
+  const lines = r.out.split('\n');
+  const at = lines.findIndex((l) => /qemu-blockers/.test(l));
+  t.log(lines.slice(at, at + 2).join('\n'));
   t.is(r.code, 2, r.err);
   t.regex(r.out, /FAIL\s+qemu-blockers\s+source\s+QEMU blocks migration: .*ivshmem/);
   d.destroy();
