@@ -87,6 +87,16 @@ export async function migrate(ctx: HookContext): Promise<HookResult> {
     if (e) used.add(e);
     entries.set(dev, e);
   }
+  // An XML without aliases whose addresses preflight already pointed at this host's
+  // devices matches neither way: pair what is left in document order, kind by kind.
+  for (const dev of devs) {
+    if (entries.get(dev) || dev.view.alias !== undefined) continue;
+    const e = md?.hostdevs.find((x) => !used.has(x) && x.type === dev.kind && x.alias === undefined);
+    if (e) {
+      used.add(e);
+      entries.set(dev, e);
+    }
+  }
   const stale = md?.hostdevs.find((e) => !used.has(e));
   if (stale) {
     throw new HookRefusal(`the vfio-mig metadata lists hostdev ${stale.alias ?? ''}${stale.alias ? ' ' : ''}(${stale.type} ${stale.address}) but the domain has no such hostdev: the XML is stale; ${PREFLIGHT_HINT}`, stale.address);

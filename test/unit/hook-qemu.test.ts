@@ -165,6 +165,19 @@ test.serial('migrate: the source PCI address becomes a free compatible local VF,
   t.is(reservations().length, 2);
 });
 
+test.serial('migrate: the XML of "vfio-mig preflight --print-xml" (addresses already this host\'s, no aliases) keeps its device', async (t) => {
+  clearReservations();
+  const xml = incoming('hostdev-pci-address.x86_64-latest.xml', { alias: false, descriptors: [sourceDescriptor(VFS[0]!, '0000:06:12.5')] }).replace(
+    "bus='0x06' slot='0x12' function='0x5'",
+    "bus='0x3c' slot='0x00' function='0x2'",
+  );
+  const r = await runHook(prefix, ['vm-pf', 'migrate', 'begin', '-'], { stdin: xml, env });
+  t.is(r.code, 0, r.stderr);
+  t.deepEqual(DomainXml.parse(r.stdout).hostdevs()[0]!.pci, { domain: 0, bus: 0x3c, slot: 0, function: 2 });
+  t.is(r.stderr, '', 'nothing remapped, so no --persistent caveat');
+  t.deepEqual(reservations().map((x) => x.device), ['0000:3c:00.2']);
+});
+
 test.serial('migrate: an mdev source gets a free local mdev of the same type (UUID rewritten)', async (t) => {
   clearReservations();
   const src = '53764d0e-85a0-42b4-af5c-2046b460b1dc';
