@@ -292,7 +292,13 @@ export async function loadSet(destination: Coordinator, src: ByteInput, route: R
   }
 
   // 2. RESUMING, then the data, written to each device as it arrives.
-  const fds = await destination.beginResume();
+  let fds: Map<string, DataFd>;
+  try {
+    fds = await destination.beginResume(); // on failure the coordinator rolled back
+  } catch (err) {
+    void events.return(undefined).catch(() => undefined);
+    throw err;
+  }
   const stop = new AbortController();
   const onAbort = () => stop.abort();
   opts.signal?.addEventListener('abort', onAbort, { once: true });
@@ -400,7 +406,16 @@ export async function readVerdict(input: AsyncIterable<Buffer>): Promise<Verdict
   const parts: Buffer[] = [];
   let have = 0;
   let need = 12;
-  for await (const piece of input) {
+  const it = input[Symbol.asyncIterator]();
+  for (;;) {
+    let r: IteratorResult<Buffer>;
+    try {
+      r = await it.next();
+    } catch (err) {
+      throw new TransferError('NO_VERDICT', `the connection to the receiver failed before its verdict: ${(err as Error).message ?? String(err)}`);
+    }
+    if (r.done) break;
+    const piece = r.value;
     parts.push(piece);
     have += piece.length;
     if (have >= 12 && need === 12) {
@@ -464,26 +479,28 @@ export async function sendDevices(coordinator: Coordinator, describe: Describe, 
       if (v && !v.ok) throw refused(v);
       throw err;
     }
-    await transport.end();
-    let timer: NodeJS.Timeout | undefined;
-    const limit = opts.verdictTimeoutMs ?? 120_000;
-    const v = await Promise.race([
-      verdict,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new TransferError('NO_VERDICT', `no verdict from the receiver within ${limit} ms`)), limit);
-      }),
-    ]).finally(() => clearTimeout(timer));
-    if (!v.ok) {
-      await coordinator.rollback().catch(() => undefined);
-      throw refused(v);
-    }
-    return { ...result, receiver: v };
-  } catch (err) {
-    if (err instanceof TransferError && err.code === 'NO_VERDICT') {
+    // The source devices are in STOP now. Anything but the receiver's "committed" rolls
+    // them back to RUNNING: a refusal, a lost connection, no answer in time. (If the
+    // answer was lost after the receiver committed, the destination devices run the
+    // state too; the caller, which has not handed the VM over, decides - see the docs.)
+    try {
+      await transport.end();
+      let timer: NodeJS.Timeout | undefined;
+      const limit = opts.verdictTimeoutMs ?? 120_000;
+      const v = await Promise.race([
+        verdict,
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new TransferError('NO_VERDICT', `no verdict from the receiver within ${limit} ms`)), limit);
+        }),
+      ]).finally(() => clearTimeout(timer));
+      if (!v.ok) throw refused(v);
+      return { ...result, receiver: v };
+    } catch (err) {
       transport.close();
       await coordinator.rollback().catch(() => undefined);
+      if (err instanceof TransferError) throw err;
+      throw new TransferError('NO_VERDICT', `no verdict from the receiver: ${(err as Error).message ?? String(err)}`);
     }
-    throw err;
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
   }
@@ -500,7 +517,7 @@ export interface ReceiveDevicesOptions extends ReceiveOptions {
  * then answers the sender with a verdict and ends the connection. Throws what loadSet
  * threw, after telling the sender.
  */
-export async function receiveDevices(coordinator: Coordinator, transport: Transport, route: Route, accept: Accept, opts: ReceiveDevicesOptions = {}): Promise<ReceiveResult> {
+export async function receiveDevices(coordinator: Coordinator, transport: Transport, route: Route, accept: Accept, opts: ReceiveDevicesOptions = {}): Promise<ReceiveResult & { verdictSent: boolean }> {
   let result: ReceiveResult;
   try {
     result = await loadSet(coordinator, transport.readable, route, accept, { idleTimeoutMs: 60_000, ...opts });
@@ -517,9 +534,17 @@ export async function receiveDevices(coordinator: Coordinator, transport: Transp
     transport.close();
     throw err;
   }
-  await transport.write(encodeVerdict({ ok: true, ...result }));
-  await transport.end();
-  return result;
+  // Committed. A sender that is gone by now does not undo that; the caller learns it
+  // from verdictSent (the sender then rolled its source back, see sendDevices).
+  let verdictSent = true;
+  try {
+    await transport.write(encodeVerdict({ ok: true, ...result }));
+    await transport.end();
+  } catch {
+    verdictSent = false;
+    transport.close();
+  }
+  return { ...result, verdictSent };
 }
 
 /** Reads and drops what the peer still sends, until it ends or `ms` passed. */

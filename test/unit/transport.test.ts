@@ -234,6 +234,31 @@ test.serial('over a pair of pipes (what ssh gives): sendDevices -> receiveDevice
   );
 });
 
+test.serial('no verdict (the receiver went away after the stream): the source is rolled back to RUNNING', async (t) => {
+  fake.resetAll();
+  const { PassThrough } = await import('node:stream');
+  const toReceiver = new PassThrough();
+  const toSender = new PassThrough();
+  const srcDevs = SRC.map((id) => VfioDevice.open(id));
+  try {
+    const src = await Coordinator.create(srcDevs);
+    await src.quiesce();
+    await src.stopCopy();
+    // A receiver that reads everything and then closes without answering.
+    const receiver = streamTransport(toReceiver, toSender, 'stdio');
+    const reading = (async () => {
+      for await (const _ of readStream(receiver.readable)) void _;
+      await receiver.end();
+    })();
+    const err = await t.throwsAsync(sendDevices(src, describe, streamTransport(toSender, toReceiver, 'ssh')), { instanceOf: TransferError });
+    await reading;
+    t.is(err?.code, 'NO_VERDICT');
+    for (const id of SRC) t.is(fake.device(id).state, MigState.Running, id);
+  } finally {
+    for (const d of srcDevs) await d.close();
+  }
+});
+
 test('listeners bind only the address given, and only with authentication', async (t) => {
   for (const host of ['0.0.0.0', '::', '']) {
     await t.throwsAsync(listen({ host, port: 0 }, { token: newToken() }), { instanceOf: TransportError, message: /wildcard/ });
