@@ -24,6 +24,7 @@ export async function load(root, bundle, source) {
   const dev = existsSync(join(root, '.git')) && existsSync(join(root, 'src'));
   const haveBuilt = existsSync(built);
   if (haveBuilt && !(dev && newerThan(join(root, 'src'), statSync(built).mtimeMs))) return import(pathToFileURL(built).href);
+  if (!existsSync(join(root, source))) throw new Error(`${built} is missing: run "npm run build" in ${root}`);
   let api;
   try {
     api = await import('tsx/esm/api');

@@ -7,5 +7,11 @@ import { fileURLToPath } from 'node:url';
 import { load } from './launch.mjs';
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
-const { main } = await load(root, 'vfio-mig.mjs', 'src/cli/main.ts');
-process.exitCode = await main(process.argv.slice(2));
+let cli;
+try {
+  cli = await load(root, 'vfio-mig.mjs', 'src/cli/main.ts');
+} catch (err) {
+  process.stderr.write(`vfio-mig: cannot start: ${err instanceof Error ? err.message : String(err)}\n`);
+  process.exit(1);
+}
+process.exitCode = await cli.main(process.argv.slice(2));
