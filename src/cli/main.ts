@@ -5,6 +5,8 @@ import { UsageError } from './args.ts';
 
 interface Subcommand {
   usage: string;
+  /** The page `vfio-mig <command> --help` prints, for commands whose run() has none. */
+  help?: string;
   run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number>;
 }
 
@@ -21,6 +23,11 @@ const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   'host-facts': () => import('./host-facts.ts'),
   watch: () => import('./watch.ts'),
   report: () => import('./report.ts'),
+  'migrate-devices': () => import('./migrate-devices.ts'),
+  receive: () => import('./receive.ts'),
+  trial: () => import('./trial.ts'),
+  install: () => import('./install.ts'),
+  uninstall: () => import('./uninstall.ts'),
 };
 
 // One line per command; kept here (not taken from the lazily loaded modules) so that
@@ -47,6 +54,14 @@ const HELP_LINES = [
   '                                       watch a QEMU-driven migration from both ends; check the ordering rules; verdict',
   'vfio-mig report <timeline.json> [-o report.svg] [--json]',
   '                                       summary (and SVG) of a watch or engine timeline',
+  'vfio-mig migrate-devices --device ID... --to ADDR [--qmp SOCK [--uri URI]] [--token HEX|--tls]',
+  '                                       the engine, source: move held devices\' state (around QEMU\'s migration)',
+  'vfio-mig receive --device ID... --from ADDR [--qmp SOCK [--uri URI]]',
+  '                                       the engine, destination: load the state, then `cont` the VM',
+  'vfio-mig trial --device ID (--to ADDR | --peer-device ID)',
+  '                                       spare-device trial; the verdict is stored as compatibility evidence',
+  'vfio-mig install [--root DIR] [--dry-run]  install CLI, hooks, units, udev rule, default config (hosts without the .deb)',
+  'vfio-mig uninstall [--root DIR] [--purge]  give devices back and remove what install put there',
 ];
 
 // Shared by every command; `qmp` and `events` use 1, 3 and 4 as their --help says.
@@ -59,7 +74,7 @@ const EXIT_LINES = [
 ];
 
 function help(): string {
-  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), '', ...EXIT_LINES, '', 'vfio-mig qmp --help, vfio-mig events --help, vfio-mig preflight --help: options and details', ''].join('\n');
+  return ['usage: vfio-mig <command> [options]', '', 'commands:', ...HELP_LINES.map((l) => `  ${l}`), '', ...EXIT_LINES, '', 'vfio-mig <command> --help: options and details', ''].join('\n');
 }
 
 export async function main(argv: string[], out: NodeJS.WritableStream = process.stdout, err: NodeJS.WritableStream = process.stderr): Promise<number> {
@@ -75,9 +90,18 @@ export async function main(argv: string[], out: NodeJS.WritableStream = process.
   }
   try {
     const cmd = await load();
+    if (cmd.help && (rest.includes('--help') || rest.includes('-h'))) {
+      out.write(cmd.help);
+      return 0;
+    }
     return await cmd.run(rest, out, err);
   } catch (e) {
     if (e instanceof UsageError) {
+      // A command without a --help page of its own: its usage line is the help.
+      if (rest.includes('--help') || rest.includes('-h')) {
+        out.write(`usage: ${(await load()).usage}\n`);
+        return 0;
+      }
       err.write(`vfio-mig ${name}: ${e.message}\nusage: ${(await load()).usage}\n`);
       return 2;
     }
