@@ -251,7 +251,11 @@ test.serial('destination XML: the compatible device substituted, the descriptors
   t.deepEqual(out.notes, [`hostdev0: ${SRC} -> ${DST}`]);
   const doc = DomainXml.parse(out.xml);
   t.like(doc.hostdevs()[0], { pci: { domain: 0, bus: 0x5e, slot: 0, function: 2 }, guestPci: { bus: 7 } });
-  t.is(readMetadata(doc)!.hostdevs[0]!.address, SRC);
+  t.like(readMetadata(doc)!.hostdevs[0], { address: SRC, alias: 'hostdev0' });
+  // A persistent definition has no aliases: its entries carry none either.
+  const inactive = await rewriteXml(xml.replace("      <alias name='hostdev0'/>\n", ''), result, compat);
+  t.like(readMetadata(DomainXml.parse(inactive.xml))!.hostdevs[0], { address: SRC, alias: undefined });
+  t.like(DomainXml.parse(inactive.xml).hostdevs()[0], { pci: { bus: 0x5e }, alias: undefined });
   const dir = mkdtempSync(join(tmpdir(), 'vfio-mig-pf-'));
   try {
     writeFileSync(join(dir, 'dest.xml'), out.xml);

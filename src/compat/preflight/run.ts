@@ -273,6 +273,9 @@ export async function rewriteXml(xml: string, result: PreflightResult, compat: C
       notes.push(`${a.alias}: the destination offers ${a.target}; the XML keeps ${src.device} (create that mdev there under the same UUID)`);
     }
   }
-  const out = result.descriptors.length > 0 ? await compat.embedMetadata(doc.serialize(), result.descriptors) : doc.serialize();
+  // An entry names its hostdev by alias only where this XML has one (a persistent definition
+  // has none): the destination's hook then pairs the others by document order.
+  const descriptors = result.descriptors.map((d) => ({ ...d, alias: hostdevs.find((h) => h.device === d.address)?.aliasKnown ? d.alias : undefined }));
+  const out = descriptors.length > 0 ? await compat.embedMetadata(doc.serialize(), descriptors) : doc.serialize();
   return { xml: out, notes };
 }
