@@ -147,6 +147,8 @@ export interface ReceiveOptions {
   limits?: Partial<StreamLimits>;
   /** Bytes queued per device while its RESUMING fd is written (default 8 MiB). */
   queueBytes?: number;
+  /** Bytes queued over all devices (default 32 MiB). */
+  totalQueueBytes?: number;
   onProgress?: (p: ProgressSnapshot) => void;
   progressIntervalMs?: number;
   signal?: AbortSignal;
@@ -163,25 +165,34 @@ export interface ReceiveResult {
   routes: Record<string, string>;
 }
 
+/** Bytes received and not yet written, over all devices; the reader waits above `limit`. */
+interface QueueBudget {
+  total: number;
+  limit: number;
+  waiters: (() => void)[];
+}
+
 /**
- * Writes one device's chunks to its RESUMING fd in order, in the background, holding at
- * most `limit` bytes: the stream reader waits in push() when the device is behind.
+ * Writes one device's chunks to its RESUMING fd in order, in the background. The stream
+ * reader waits in push() while this device holds more than `limit` bytes or all devices
+ * together more than the shared budget, so memory stays bounded however many devices.
  */
 class DeviceSinkQueue {
   readonly #fd: DataFd;
   readonly #limit: number;
+  readonly #budget: QueueBudget;
   readonly #signal: AbortSignal;
   readonly #onWritten: (n: number) => void;
   #queue: Buffer[] = [];
   #head = 0;
   #queued = 0;
   #pump: Promise<void> | undefined;
-  #waiters: (() => void)[] = [];
   error: unknown;
 
-  constructor(fd: DataFd, limit: number, signal: AbortSignal, onWritten: (n: number) => void) {
+  constructor(fd: DataFd, limit: number, budget: QueueBudget, signal: AbortSignal, onWritten: (n: number) => void) {
     this.#fd = fd;
     this.#limit = limit;
+    this.#budget = budget;
     this.#signal = signal;
     this.#onWritten = onWritten;
   }
@@ -190,8 +201,12 @@ class DeviceSinkQueue {
     if (this.error !== undefined) throw this.error;
     this.#queue.push(chunk);
     this.#queued += chunk.length;
+    this.#budget.total += chunk.length;
     this.#pump ??= this.#run();
-    while (this.#queued > this.#limit && this.error === undefined) await new Promise<void>((r) => this.#waiters.push(r));
+    // Every pump that holds bytes is running, so each wait ends.
+    while ((this.#queued > this.#limit || this.#budget.total > this.#budget.limit) && this.error === undefined) {
+      await new Promise<void>((r) => this.#budget.waiters.push(r));
+    }
     if (this.error !== undefined) throw this.error;
   }
 
@@ -202,6 +217,7 @@ class DeviceSinkQueue {
         this.#queue[this.#head++] = EMPTY;
         await writeAll(this.#fd, chunk, { signal: this.#signal });
         this.#queued -= chunk.length;
+        this.#budget.total -= chunk.length;
         this.#onWritten(chunk.length);
         if (this.#head > 1024) {
           this.#queue = this.#queue.slice(this.#head);
@@ -218,7 +234,7 @@ class DeviceSinkQueue {
   }
 
   #wake(): void {
-    for (const w of this.#waiters.splice(0)) w();
+    for (const w of this.#budget.waiters.splice(0)) w();
   }
 
   /** Resolves when everything queued was written; throws the device's write error. */
@@ -307,7 +323,8 @@ export async function loadSet(destination: Coordinator, src: ByteInput, route: R
     incoming.map((d) => ({ device: d.device, ...(d.estimate !== undefined ? { total: d.estimate } : {}) })),
     { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.progressIntervalMs !== undefined ? { intervalMs: opts.progressIntervalMs } : {}) },
   );
-  const queues = incoming.map((_, i) => new DeviceSinkQueue(fds.get(targets[i]!)!, opts.queueBytes ?? 8 << 20, stop.signal, (n) => meter.add(i, n)));
+  const budget: QueueBudget = { total: 0, limit: opts.totalQueueBytes ?? 32 << 20, waiters: [] };
+  const queues = incoming.map((_, i) => new DeviceSinkQueue(fds.get(targets[i]!)!, opts.queueBytes ?? 8 << 20, budget, stop.signal, (n) => meter.add(i, n)));
   let result: ReceiveResult | undefined;
   try {
     for (;;) {

@@ -52,11 +52,13 @@ export class TransportError extends Error {
 /** Reads a Readable on demand; returning early leaves the stream open (unlike Node's iterator). */
 function readableOf(r: Readable): AsyncIterable<Buffer> {
   let error: unknown;
-  let wake: (() => void) | undefined;
+  // Normally one reader; after a failed receive the verdict's drain may read while the
+  // stream reader's last read is still pending, so every waiter is woken.
+  let waiters: (() => void)[] = [];
   const poke = () => {
-    const w = wake;
-    wake = undefined;
-    w?.();
+    const w = waiters;
+    waiters = [];
+    for (const f of w) f();
   };
   r.on('readable', poke);
   r.on('end', poke);
@@ -75,7 +77,7 @@ function readableOf(r: Readable): AsyncIterable<Buffer> {
             if (r.readableEnded) return { done: true, value: undefined };
             if (error !== undefined) throw new TransportError('CLOSED', `the connection failed: ${(error as Error).message ?? String(error)}`, error);
             if (r.destroyed) throw new TransportError('CLOSED', 'the connection was closed before the peer finished');
-            await new Promise<void>((resolve) => (wake = resolve));
+            await new Promise<void>((resolve) => waiters.push(resolve));
           }
         },
         async return(): Promise<IteratorResult<Buffer>> {

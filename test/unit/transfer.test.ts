@@ -166,6 +166,37 @@ test.serial('a truncated stream, one with data after the trailer, and a stream f
   for (const id of DST) t.is(fake.device(id).state, MigState.Running);
 });
 
+test.serial('the destination holds a bounded amount: the reader waits while devices are behind', async (t) => {
+  const stream = await saveSource();
+  let written = 0;
+  let maxAhead = 0;
+  const w = fake.write;
+  fake.write = async (fd, buf, len) => {
+    await new Promise((r) => setTimeout(r, 1)); // a slow device
+    const n = await w(fd, buf, Math.min(len, 256));
+    written += n;
+    return n;
+  };
+  try {
+    let pulled = 0;
+    const input = (function* () {
+      for (let i = 0; i < stream.length; i += 128) {
+        const piece = stream.subarray(i, i + 128);
+        pulled += piece.length;
+        maxAhead = Math.max(maxAhead, pulled - written);
+        yield piece;
+      }
+    })();
+    await load(input as unknown as Buffer[], accept, { queueBytes: 1024, totalQueueBytes: 1536 });
+  } finally {
+    fake.write = w;
+  }
+  // Received but not yet in a device: at most the shared budget, one piece and the framing read ahead.
+  t.log(`${stream.length} bytes streamed; received and not yet written at most ${maxAhead} bytes (budget 1536)`);
+  t.true(maxAhead <= 1536 + 128 + 1024, `ahead by at most ${maxAhead} bytes`);
+  for (const [i, id] of DST.entries()) t.is(fake.device(id).digest(), fake.device(SRC[i]!).digest());
+});
+
 test.serial('progress: snapshots on both sides, with the estimates the sender announced', async (t) => {
   const sent: ProgressSnapshot[] = [];
   const estimates = new Map(SRC.map((id, i) => [id, SIZES[i]! + 56]));
