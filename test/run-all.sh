@@ -60,6 +60,12 @@ else
     "the unit ABI test against the 6.12 headers will be skipped (a failure on CI), the rig suite will report it" >&2
 fi
 
+# lintian checks the .deb in test/unit/package.test.ts (npm run package's output).
+if [ "$(id -u)" -eq 0 ] && ! command -v lintian >/dev/null; then
+  say "set-up: lintian (for the package test)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lintian || echo "lintian could not be installed: the package test will fail on it" >&2
+fi
+
 say "type-check"
 npx --no-install tsc --noEmit; record typecheck $?
 
@@ -107,6 +113,14 @@ else
       echo "RIG SUITE DID NOT COMPLETE (runner exit $rc: 124 timeout, 125 guest crash, 126 set-up failure)" >&2
     fi
   fi
+fi
+
+say "rig package tests (the .deb under real systemd and udev in the guest: igb VFs, burst, upgrade, purge)"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "RIG PACKAGE SUITE NOT RUN: needs root; run npm test as root" >&2
+  not_run rig-package "needs root"
+else
+  tap rig-package test/rig/package/run.sh --tap
 fi
 
 say "tally"
