@@ -40,7 +40,7 @@ const HELP_LINES = [
   'vfio-mig drivers [--json]              every PCI device: current driver, chosen driver and why',
   'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]',
   '                                       bind devices to their VFIO (variant) driver, whole IOMMU groups',
-  'vfio-mig unbind [--device BDF...] [--dry-run] [--json]',
+  'vfio-mig unbind [--all | --device BDF...] [--dry-run] [--json]',
   '                                       give devices back the drivers they had before `bind`',
   'vfio-mig qmp --socket PATH [--timeout S] COMMAND [ARGS-JSON]',
   '                                       run one QMP command on a QEMU monitor socket, print its return as JSON',

@@ -11,6 +11,24 @@ import { parseDeviceId, deviceIdString } from '../host/sysfs.ts';
 
 export const usage = 'vfio-mig probe <device>... [--json] | vfio-mig probe --show [<device>...] [--json]   cache (or show) idle devices\' migration capabilities';
 
+export const help = `usage: vfio-mig probe <device>... [--json]
+       vfio-mig probe --show [<device>...] [--json]
+
+Opens idle VFIO devices, reads their migration flags and MIG_DATA_SIZE, and stores them
+with the device's compatibility descriptor in the capability cache
+($VFIO_MIG_STATE_DIR/capabilities/), which preflight and host-facts read. A device held
+by a VM cannot be opened; its earlier entry stays. "vfio-mig bind" probes each device it
+binds. --show opens nothing: it prints the cached entries (all, or the named ones) and
+whether each still belongs to the device's current driver build.
+
+options:
+  --show   print the cache instead of probing
+  --json   an array of rows (device, ok, driver, flags, dataSize, migrationVersion, path, probedAt, error)
+
+environment: VFIO_MIG_STATE_DIR (default /var/lib/vfio-mig)
+exit codes: 0 every device probed (with --show: every entry valid); 1 otherwise; 2 usage error
+`;
+
 interface Row {
   device: string;
   ok: boolean;

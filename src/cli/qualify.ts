@@ -9,6 +9,21 @@ import { qualifyDevice, type QualifyReport } from '../migration/qualify.ts';
 
 export const usage = 'vfio-mig qualify <device>... [--json]   walk every migration arc of idle devices and give a verdict';
 
+export const help = `usage: vfio-mig qualify <device>... [--json]
+
+Checks that idle VFIO devices (PCI addresses or mdev UUIDs, bound to a VFIO driver,
+not held by a VM) behave as the VFIO migration v2 uAPI requires: reads the migration
+flags, walks every arc the flags allow and times each, checks that the driver refuses
+what it must, reads MIG_DATA_SIZE and PRE_COPY info, resets the device; with two or more
+devices, each one's state is also moved into the next one. Ends with a verdict per
+device. The devices are left RUNNING.
+
+options:
+  --json   one report per device (device, flags, checks[{check, ok, latencyMs, result}], verdict)
+
+exit codes: 0 every device passes; 1 a device fails (or cannot be opened); 2 usage error
+`;
+
 export async function run(argv: string[], out: NodeJS.WritableStream): Promise<number> {
   const args = parseArgs(argv, { flags: ['json'] });
   if (args.positional.length === 0) throw new UsageError('name at least one device (PCI address or mdev UUID)');
