@@ -132,9 +132,10 @@ export function plan(tree: string, layout: Layout): Entry[] {
     return text.startsWith('#!/usr/bin/env node\n') ? Buffer.from(`#!/usr/bin/node\n${text.slice('#!/usr/bin/env node\n'.length)}`) : undefined;
   };
   const out: Entry[] = [{ kind: 'dir', to: m.prefix, mode: 0o755 }];
-  const own = JSON.parse(readFileSync(join(tree, 'package.json'), 'utf8')) as { version: string; description?: string };
-  // "type": "module" makes node load bin/vfio-mig.js as ESM; nothing else is needed.
-  const pkgJson = { name: 'vfio-mig', version: own.version, private: true, type: 'module', description: own.description };
+  const own = JSON.parse(readFileSync(join(tree, 'package.json'), 'utf8')) as { version: string; description?: string; dependencies?: Record<string, string> };
+  // "type": "module" makes node load bin/vfio-mig.js as ESM; the dependencies let an
+  // installed copy find its node_modules set when it installs itself elsewhere.
+  const pkgJson = { name: 'vfio-mig', version: own.version, private: true, type: 'module', description: own.description, dependencies: own.dependencies };
   out.push({ kind: 'file', to: `${m.prefix}/package.json`, mode: 0o644, content: Buffer.from(`${JSON.stringify(pkgJson, null, 2)}\n`), runtime: true });
   for (const r of m.runtime) {
     const src = join(tree, r.from);

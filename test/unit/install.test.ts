@@ -5,6 +5,7 @@ import test from 'ava';
 import { chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { runCli } from '../cli-harness.ts';
 
 const roots: string[] = [];
@@ -66,6 +67,24 @@ test('install --root puts the whole file set there, and a second run changes not
   t.is(second.code, 0, second.err);
   t.regex(second.out, /^0 file\(s\) installed or updated/m);
   t.regex(second.out, /kept {2}.*\/etc\/vfio-mig\/config\.json \(yours: left as it is\)/);
+});
+
+test('an installed copy installs itself elsewhere and uninstalls itself (the checkout may be gone)', (t) => {
+  const r = root();
+  const r2 = root();
+  const run = (cli: string, ...args: string[]): { code: number | null; out: string } => {
+    const p = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
+    return { code: p.status, out: `${p.stdout}${p.stderr}` };
+  };
+  t.is(run('bin/vfio-mig.js', 'install', '--root', r).code, 0);
+  const installed = join(r, 'usr/lib/vfio-mig/bin/vfio-mig.js');
+  const copy = run(installed, 'install', '--root', r2);
+  t.is(copy.code, 0, copy.out);
+  for (const f of LOCAL) t.true(existsSync(join(r2, f)), f);
+  const un = run(installed, 'uninstall', '--root', r);
+  t.is(un.code, 0, un.out);
+  t.false(existsSync(join(r, 'usr/lib/vfio-mig')));
+  t.false(existsSync(join(r, 'etc/systemd/system/vfio-mig-bind.service')));
 });
 
 test('install never overwrites the operator\'s config, and repairs a changed or missing file', async (t) => {
