@@ -21,7 +21,7 @@ import { prepareEdu, eduKnob } from '../test/rig/guest.ts';
 
 const ARC_DELAY_US = 50_000;
 const SIZES = [1, 4, 12];
-const REPEATS = Number(process.env.VFIO_MIG_BENCH_REPEATS ?? 3);
+const REPEATS = Number(process.env.VFIO_MIG_BENCH_REPEATS ?? 5);
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 async function sequential(devs: VfioDevice[]): Promise<number> {
