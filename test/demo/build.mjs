@@ -1,0 +1,28 @@
+// Bundles the demo and the engine's rig test into test/scratch/ (git-ignored), like
+// test/rig/build.mjs does for the whole rig suite but without deleting test/.rig-build,
+// so the demo can run while someone else runs the rig from the same checkout.
+// test/scratch sits at the same depth as test/rig: paths built from import.meta.url hold.
+import { build } from 'esbuild';
+import { mkdirSync } from 'node:fs';
+import { join, dirname, basename } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const entries = [join(root, 'test', 'demo', 'demo.ts'), join(root, 'test', 'rig', 'engine.test.ts'), ...process.argv.slice(2)];
+const out = join(root, 'test', 'scratch');
+mkdirSync(out, { recursive: true });
+await Promise.all(
+  entries.map((entry) =>
+    build({
+      entryPoints: [entry],
+      outfile: join(out, basename(entry).replace(/\.ts$/, '.mjs')),
+      bundle: true,
+      platform: 'node',
+      format: 'esm',
+      target: 'node20',
+      sourcemap: 'linked',
+      packages: 'external',
+      logLevel: 'warning',
+    }),
+  ),
+);
