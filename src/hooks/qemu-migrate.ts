@@ -33,7 +33,7 @@ interface Pick {
   decidedBy: string;
 }
 
-const PREFLIGHT_HINT = 'migrate with the XML printed by "vfio-mig preflight <domain> <destination>" (virsh migrate --xml), which tells this host what the source device is';
+const PREFLIGHT_HINT = 'migrate with the XML written by "vfio-mig preflight <domain> --to <destination> --print-xml FILE" (virsh migrate --xml FILE), which tells this host what the source device is';
 
 function hexAttr(id: { kind: 'pci'; bdf: string }, name: string): string | undefined {
   const v = sysfs.readDeviceAttr(id, name);

@@ -144,7 +144,7 @@ stest('a refusing migrate hook aborts virsh migrate with our one line; the sourc
   t.not(m.code, 0);
   t.log(m.stderr.trim());
   t.regex(m.stderr, /Hook script execution failed/);
-  t.regex(m.stderr, /vfio-mig qemu hook: "vm-hook-refuse" migrate: the vfio-mig metadata lists hostdev hostdev0 \(pci 0000:3b:00\.2\) but the domain has no such hostdev: the XML is stale; migrate with the XML printed by "vfio-mig preflight/);
+  t.regex(m.stderr, /vfio-mig qemu hook: "vm-hook-refuse" migrate: the vfio-mig metadata lists hostdev hostdev0 \(pci 0000:3b:00\.2\) but the domain has no such hostdev: the XML is stale; migrate with the XML written by "vfio-mig preflight <domain> --to <destination> --print-xml FILE"/);
   t.is((await virsh(hosts.a, ['domstate', 'vm-hook-refuse'])).stdout.trim(), 'running', 'the source keeps running');
   const onB = await virsh(hosts.b, ['domstate', 'vm-hook-refuse']);
   t.not(onB.code, 0, 'nothing was left on the destination');
