@@ -84,6 +84,8 @@ export async function migrateSource(o: SourceOptions): Promise<SourceResult> {
   let qemuStarted = false;
   let qemuCompleted = false;
   let bytes: number | undefined;
+  /** Monitors recovery opened: closed before returning (the caller's stays the caller's). */
+  const reconnected: QmpClient[] = [];
   // The first cause: a refusal from the receiver or a failed stream stops the other waits
   // (they then fail as "cancelled"), and the outcome names the cause, not the echo.
   let refusal: Extract<Verdict, { ok: false }> | undefined;
@@ -291,7 +293,7 @@ export async function migrateSource(o: SourceOptions): Promise<SourceResult> {
       if (hung.length) recovery.push(`still hung after waiting: ${hung.join(', ')}`);
     }
     if (o.vm && !qemuCompleted) {
-      qmp = await liveMonitor(qmp, o.vm, recovery);
+      qmp = await liveMonitor(qmp, o.vm, recovery, reconnected);
       if (qmp) {
         if (qemuStarted) {
           try {
@@ -329,11 +331,12 @@ export async function migrateSource(o: SourceOptions): Promise<SourceResult> {
   } finally {
     unwatch?.();
     o.signal?.removeEventListener('abort', onCallerAbort);
+    for (const q of reconnected) await q.close().catch(() => undefined);
   }
 }
 
 /** The monitor to recover through: the one we have, or a new connection when it closed. */
-async function liveMonitor(qmp: QmpClient | undefined, vm: SourceVm, recovery: string[]): Promise<QmpClient | undefined> {
+async function liveMonitor(qmp: QmpClient | undefined, vm: SourceVm, recovery: string[], opened: QmpClient[]): Promise<QmpClient | undefined> {
   if (qmp && !qmp.closed) return qmp;
   if (!vm.reconnect) {
     recovery.push('the QMP connection closed and there is no way to reconnect: the VM was not checked');
@@ -341,6 +344,7 @@ async function liveMonitor(qmp: QmpClient | undefined, vm: SourceVm, recovery: s
   }
   try {
     const q = await vm.reconnect();
+    opened.push(q);
     recovery.push('reconnected to QMP');
     return q;
   } catch (e) {

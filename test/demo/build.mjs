@@ -3,19 +3,20 @@
 // so the demo can run while someone else runs the rig from the same checkout.
 // test/scratch sits at the same depth as test/rig: paths built from import.meta.url hold.
 import { build } from 'esbuild';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join, dirname, basename } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
-const entries = [join(root, 'test', 'demo', 'demo.ts'), join(root, 'test', 'rig', 'engine.test.ts'), ...process.argv.slice(2)];
+// src/cli/main.ts as vfio-mig.mjs: the rig test runs `vfio-mig receive` as a process it can kill.
+const entries = [join(root, 'test', 'demo', 'demo.ts'), join(root, 'test', 'rig', 'engine.test.ts'), join(root, 'src', 'cli', 'main.ts'), ...process.argv.slice(2)];
 const out = join(root, 'test', 'scratch');
 mkdirSync(out, { recursive: true });
 await Promise.all(
   entries.map((entry) =>
     build({
       entryPoints: [entry],
-      outfile: join(out, basename(entry).replace(/\.ts$/, '.mjs')),
+      outfile: join(out, basename(entry) === 'main.ts' ? 'vfio-mig.mjs' : basename(entry).replace(/\.ts$/, '.mjs')),
       bundle: true,
       platform: 'node',
       format: 'esm',
@@ -25,4 +26,10 @@ await Promise.all(
       logLevel: 'warning',
     }),
   ),
+);
+// The ava configuration for running the engine test from here in the guest:
+//   test/rig/run.sh 'node_modules/.bin/ava --config test/scratch/ava.config.mjs'
+writeFileSync(
+  join(out, 'ava.config.mjs'),
+  "export default { files: ['test/scratch/*.test.mjs'], workerThreads: false, timeout: '10m', nodeArguments: ['--enable-source-maps'] };\n",
 );
