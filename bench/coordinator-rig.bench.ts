@@ -10,7 +10,7 @@
 // guest's headline; in the guest (VFIO_MIG_IN_RIG) it measures.
 
 import { spawn } from 'node:child_process';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { VfioDevice } from '../src/vfio/device.ts';
@@ -138,7 +138,7 @@ async function viaRig(): Promise<string> {
     });
     child.on('error', reject);
     child.on('close', (c) => resolve(c ?? 1));
-  });
+  }).finally(() => rmSync(outfile, { force: true }));
   if (!headline) throw new Error(`the rig run ended (exit ${code}) without a headline`);
   return headline;
 }
