@@ -226,3 +226,26 @@ test.serial('two edu devices, the second one failing STOP_COPY on the source: fa
   t.is(((await p.src.qmp.execute('query-status')) as { status: string }).status, 'running');
   for (const dev of w.analysis.devices) t.is(dev.final.source, 'running', `${dev.id} runs again on the source`);
 });
+
+test.serial('mtty x1, migration cancelled while iterating: failed in the iteration phase, the device runs on the source again', async (t) => {
+  const p = await startPair(t, [mttyDevice(MTTY_UUIDS[0]!, 'dev0')], [mttyDevice(MTTY_UUIDS[3]!, 'dev0')]);
+  // 1 KiB/s: the RAM never gets through, so the migration stays in its iteration phase.
+  await p.src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 1024 });
+  const watch = startWatch(p, 'mtty-x1-cancelled');
+  await watch.ready;
+  const since = p.src.qmp.lastSeq;
+  await migrate(p);
+  await p.src.qmp.waitFor('MIGRATION', (e) => e.data.status === 'active', 60_000, { since });
+  await p.src.qmp.waitFor('VFIO_MIGRATION', (e) => e.data['device-state'] === 'pre-copy', 60_000, { since });
+  await p.src.qmp.execute('migrate_cancel');
+  const w = await watch.done;
+  t.log(`verdict ${w.analysis.verdict}: ${w.analysis.reason}`);
+  for (const d of w.analysis.devices) t.log(`${d.id}: ${d.source.join(' -> ')} | ${d.destination.join(' -> ')}`);
+  t.is(w.code, 1, w.stderr);
+  t.is(w.analysis.verdict, 'failed');
+  t.is(w.analysis.status, 'cancelled');
+  t.is(w.analysis.failure?.phase, 'iteration');
+  t.deepEqual(w.analysis.violations, []);
+  t.is(w.analysis.devices[0]?.final.source, 'running');
+  t.is(((await p.src.qmp.execute('query-status')) as { status: string }).status, 'running');
+});

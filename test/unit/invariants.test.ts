@@ -94,6 +94,17 @@ test('real recording, two edu devices, the second failing STOP_COPY: failed nami
   t.true(checkP2PBeforeStop(parseTimeline(doctored)).some((v) => v.device === 'edu1'));
 });
 
+test('real recording of a migration cancelled while iterating: failed in the iteration phase, the device runs on the source', (t) => {
+  const a = analyze(parseTimeline(load('mtty-x1-cancelled.json')));
+  t.deepEqual(a.violations, []);
+  t.is(a.verdict, 'failed');
+  t.is(a.status, 'cancelled');
+  t.is(a.failure?.phase, 'iteration');
+  t.deepEqual(a.devices[0]!.source, ['pre-copy', 'running']);
+  t.is(a.devices[0]!.final.source, 'running');
+  t.regex(a.reason, /cancelled in the iteration .* every device is running on the source again/);
+});
+
 test('real recording of a VM paused before its migration: ok, the destination stays paused (no RESUME expected)', (t) => {
   const tl = parseTimeline(load('mtty-x1-paused.json'));
   t.deepEqual(checkInvariants(tl), [], 'the device stopped after QMP STOP: the VM was already stopped');
