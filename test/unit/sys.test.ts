@@ -5,7 +5,7 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { libcSyscalls as sys, ioctlVariadic, SysError, OpenFlag, PollEvent, prewarm, configureSysThreads, sysThreadStats, type CallTiming } from '../../src/host/sys.ts';
+import { libcSyscalls as sys, ioctlVariadic, SysError, OpenFlag, PollEvent, prewarm, configureSysThreads, sysThreadStats, setSyscalls, type CallTiming } from '../../src/host/sys.ts';
 import { encodeFeature, Feature, FeatureFlag, Ioctl } from '../../src/vfio/uapi.ts';
 import { errnoName, errnoValue } from '../../src/host/errno.ts';
 
@@ -303,4 +303,15 @@ test.serial('an idle thread never keeps the process alive; a call in flight does
   // until the data arrives - a thread running a call is referenced.
   const waited = child(`const b = Buffer.alloc(16); const n = await sys.read(0, b, 16); console.log('got ' + b.toString('utf8', 0, n));`, { input: 'hello' });
   t.is(waited.out.trim(), 'got hello');
+});
+
+test.serial('prewarm() follows the installed backend: a backend without threads (the fake kernel) starts none', async (t) => {
+  const before = sysThreadStats().threads;
+  const previous = setSyscalls({ ...sys, prewarm: undefined });
+  try {
+    await prewarm(8);
+    t.is(sysThreadStats().threads, before);
+  } finally {
+    setSyscalls(previous);
+  }
 });
