@@ -106,7 +106,8 @@ else
     echo "RIG SUITE NOT RUN: bundling the rig tests failed (see above)" >&2
     not_run rig "bundling the rig tests failed"
   else
-    tap rig test/rig/run.sh "node_modules/.bin/ava --config test/rig/ava.config.mjs --tap --concurrency=1 --match '!twelve*'"
+    # The whole rig suite runs in one boot: give it room (600 s is run.sh's default for one command).
+    tap rig env VFIO_MIG_RIG_TIMEOUT="${VFIO_MIG_RIG_TIMEOUT:-2400}" test/rig/run.sh "node_modules/.bin/ava --config test/rig/ava.config.mjs --tap --concurrency=1 --match '!twelve*'"
     # tally counts a non-zero status (and a missing TAP plan) as a failure; say which.
     rc=$(cat "$results/rig.rc")
     if [ "$rc" -ge 124 ]; then
