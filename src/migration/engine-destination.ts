@@ -14,7 +14,7 @@
 // still RESUMING are reset (never committed), devices that already committed the state of
 // a migration that did not finish are reset too, and the VM is not continued.
 
-import { Coordinator, type MigrationDevice } from './coordinator.ts';
+import { Coordinator, CoordinatorError, type MigrationDevice } from './coordinator.ts';
 import { receiveDevices, type Accept, type Route } from './transfer.ts';
 import type { Transport } from './transport.ts';
 import type { ProgressSnapshot } from './progress.ts';
@@ -147,9 +147,10 @@ export async function receiveDestination(o: DestinationOptions): Promise<Destina
       const q = (await queryMigrate(qmp).catch(() => undefined)) as Record<string, unknown> | undefined;
       if (q) outcome.qemu = q;
     }
+    transport.close();
     return { outcome, timeline: rec.json(outcome) };
   } catch (err) {
-    const phase = err instanceof EngineError ? err.phase : rec.phase;
+    const phase = err instanceof CoordinatorError ? err.phase : err instanceof EngineError ? err.phase : rec.phase;
     const cause = errorText(err);
     rec.mark('failed', cause);
     abort.abort();

@@ -17,7 +17,7 @@
 // QEMU's migration is cancelled and the VM continued if it ran before. The outcome names
 // the phase and the cause; the record is the timeline `vfio-mig report` renders.
 
-import { Coordinator, type MigrationDevice } from './coordinator.ts';
+import { Coordinator, CoordinatorError, type MigrationDevice } from './coordinator.ts';
 import { writeDevices, readVerdict, TransferError, type Describe, type DeviceSource, type Verdict } from './transfer.ts';
 import type { Transport } from './transport.ts';
 import type { ProgressSnapshot } from './progress.ts';
@@ -275,7 +275,7 @@ export async function migrateSource(o: SourceOptions): Promise<SourceResult> {
     if (refusal) err = refused(refusal);
     else if (echo && streamError !== undefined && isCancellation(caught)) err = streamError;
     else if (o.signal?.aborted) err = new EngineError(rec.phase, 'cancelled by the caller');
-    const phase = caught instanceof EngineError && caught.message !== 'cancelled' ? caught.phase : rec.phase;
+    const phase = caught instanceof CoordinatorError ? caught.phase : caught instanceof EngineError && caught.message !== 'cancelled' ? caught.phase : rec.phase;
     const cause = describeFailure(err);
     rec.mark('failed', cause);
     stop.abort();
