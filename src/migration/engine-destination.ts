@@ -45,6 +45,8 @@ export interface DestinationOptions {
   onPhase?: (phase: DestinationPhase) => void | Promise<void>;
   log?: (line: string) => void;
   signal?: AbortSignal;
+  /** Bytes queued per device while its RESUMING fd is written (default 1 MiB). */
+  queueBytes?: number;
   /** Longest pause in the stream (default 60 s). */
   idleTimeoutMs?: number;
   /** Longest wait for QEMU's incoming migration to complete once the devices run (default 300 s). */
@@ -107,6 +109,10 @@ export async function receiveDestination(o: DestinationOptions): Promise<Destina
     const receiving = receiveDevices(c, transport, o.route, o.check, {
       signal: abort.signal,
       idleTimeoutMs: o.idleTimeoutMs ?? 60_000,
+      // A short queue per device: the sender's pre-copy reads wait for the devices here,
+      // so "pre-copy data sent" means nearly "loaded" and the downtime does not pay for
+      // megabytes still queued when the vCPUs stop.
+      queueBytes: o.queueBytes ?? 1 << 20,
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     });
     result = await (incoming ? Promise.race([receiving, incoming.then(() => receiving)]) : receiving).catch(async (err: unknown) => {
