@@ -7,6 +7,8 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { DomainXml, DomainXmlError, formatBdf, type Hostdev } from '../libvirt/domain-xml.ts';
 import { loadDriverTable, DEFAULT_HOOKS, type DriverTable, type HooksConfig } from '../pci/table.ts';
+import { acquireLock, type BinderLock } from '../pci/lock.ts';
+import { PciError } from '../pci/errors.ts';
 import type { DescriptorJson } from '../compat/domain-metadata.ts';
 import { HookRefusal, oneLine } from './refusal.ts';
 
@@ -46,6 +48,23 @@ export function remainingMs(ctx: HookContext): number {
 /** "vfio-mig qemu hook: <domain> <op>: <text>" on stderr, one line. */
 export function say(ctx: Pick<HookContext, 'domain' | 'operation' | 'err'>, text: string): void {
   ctx.err.write(`vfio-mig qemu hook: ${oneLine(`${ctx.domain} ${ctx.operation}: ${text}`)}\n`);
+}
+
+/**
+ * The binder lock (reservations and binds take turns on it), waited for within the
+ * operation's bound; a holder that does not let go is a refusal that names it.
+ */
+export async function hookLock(ctx: HookContext): Promise<BinderLock> {
+  try {
+    return await acquireLock(Math.max(500, remainingMs(ctx) - 1000));
+  } catch (err) {
+    throw asRefusal(err);
+  }
+}
+
+/** The binder's typed errors (lock, sysfs, modprobe) are refusals with their own message. */
+export function asRefusal(err: unknown, device?: string): unknown {
+  return err instanceof PciError ? new HookRefusal(err.message, device) : err;
 }
 
 export function parseDomainXml(xml: string): DomainXml {

@@ -20,9 +20,8 @@ import * as sysfs from '../host/sysfs.ts';
 import type { DomainXml, XmlElement } from '../libvirt/domain-xml.ts';
 import { escapeXml, parsePciAddress } from './xml-edit.ts';
 import { findEntry, readMetadata, writeMetadata, DomainMetadataError, type DomainMetadata, type HostdevMetadata, type DescriptorJson } from '../compat/domain-metadata.ts';
-import { acquireLock } from '../pci/lock.ts';
 import { HookRefusal } from './refusal.ts';
-import { hostName, loadCompat, loadConfig, logEvent, parseDomainXml, remainingMs, say, vfioHostdevs, type CompatApi, type HookContext, type HookResult, type VfioHostdev } from './qemu-common.ts';
+import { hookLock, hostName, loadCompat, loadConfig, logEvent, parseDomainXml, say, vfioHostdevs, type CompatApi, type HookContext, type HookResult, type VfioHostdev } from './qemu-common.ts';
 import { deviceInUse } from './qemu-prepare.ts';
 import { devicesOfRunningDomains, liveReservations, readReservations, writeReservations } from './reservations.ts';
 
@@ -104,7 +103,7 @@ export async function migrate(ctx: HookContext): Promise<HookResult> {
 
   const compat: CompatApi | undefined = [...entries.values()].some((e) => e !== undefined) ? await loadCompat() : undefined;
   const picks: Pick[] = [];
-  const lock = devs.length ? await acquireLock(Math.max(1000, remainingMs(ctx) - 1000)) : undefined;
+  const lock = devs.length ? await hookLock(ctx) : undefined;
   try {
     if (devs.length) {
       // Our own earlier reservations (a retried migration) do not count against us.

@@ -17,9 +17,8 @@ import { readPciDevice, type PciDeviceInfo } from '../pci/pcidev.ts';
 import { chooseDriver } from '../pci/choose.ts';
 import { loadAliasIndex, type AliasIndex } from '../pci/modalias.ts';
 import { pciDriverForModule } from '../pci/drivernames.ts';
-import { acquireLock } from '../pci/lock.ts';
 import { HookRefusal } from './refusal.ts';
-import { libvirtVersion, loadConfig, logEvent, parseDomainXml, remainingMs, vfioHostdevs, type HookContext, type HookResult, type VfioHostdev } from './qemu-common.ts';
+import { asRefusal, hookLock, libvirtVersion, loadConfig, logEvent, parseDomainXml, remainingMs, vfioHostdevs, type HookContext, type HookResult, type VfioHostdev } from './qemu-common.ts';
 import { devicesOfRunningDomains, liveReservations, readReservations, writeReservations } from './reservations.ts';
 
 /** Whether the device's VFIO group is held open (a running QEMU or another VFIO user). */
@@ -86,7 +85,12 @@ export async function prepare(ctx: HookContext): Promise<HookResult> {
 
   if (toBind.length > 0) {
     const { bind } = await import('../pci/binder.ts');
-    const report = await bind({ devices: toBind.map((b) => b.dev.id), table, aliases: aliasIndex(), lockTimeoutMs: Math.max(1000, remainingMs(ctx) - 2000) });
+    let report;
+    try {
+      report = await bind({ devices: toBind.map((b) => b.dev.id), table, aliases: aliasIndex(), lockTimeoutMs: Math.max(500, remainingMs(ctx) - 2000) });
+    } catch (err) {
+      throw asRefusal(err);
+    }
     for (const { dev, expected } of toBind) {
       const r = report.results.find((x) => x.address === dev.id);
       if (r && (r.action === 'failed' || r.action === 'refused')) throw new HookRefusal(`${dev.label}: ${r.error ?? r.action}`, dev.id);
@@ -97,7 +101,7 @@ export async function prepare(ctx: HookContext): Promise<HookResult> {
   }
 
   // Reserve the domain's devices: refused when another domain holds one.
-  const lock = await acquireLock(Math.max(1000, remainingMs(ctx) - 1000));
+  const lock = await hookLock(ctx);
   try {
     const all = readReservations();
     const live = liveReservations(all, hooks.reservationSeconds).filter((r) => r.domain !== ctx.domain);

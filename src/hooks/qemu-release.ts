@@ -6,8 +6,7 @@
 // (default) they stay on their VFIO driver, ready for the next VM. Devices libvirt
 // itself binds (managed='yes', libvirt >= 10) are libvirt's to give back.
 
-import { acquireLock } from '../pci/lock.ts';
-import { libvirtVersion, loadConfig, logEvent, parseDomainXml, remainingMs, say, vfioHostdevs, type HookContext, type HookResult } from './qemu-common.ts';
+import { asRefusal, hookLock, libvirtVersion, loadConfig, logEvent, parseDomainXml, remainingMs, say, vfioHostdevs, type HookContext, type HookResult } from './qemu-common.ts';
 import { readReservations, writeReservations } from './reservations.ts';
 
 export async function release(ctx: HookContext): Promise<HookResult> {
@@ -16,7 +15,7 @@ export async function release(ctx: HookContext): Promise<HookResult> {
   if (devs.length === 0) return { code: 0 };
   const { hooks } = loadConfig();
 
-  const lock = await acquireLock(Math.max(1000, remainingMs(ctx) - 1000));
+  const lock = await hookLock(ctx);
   let dropped = 0;
   try {
     const all = readReservations();
@@ -34,7 +33,12 @@ export async function release(ctx: HookContext): Promise<HookResult> {
     const pci = devs.filter((d) => d.kind === 'pci' && !libvirtOwns(d.view.managed)).map((d) => d.id);
     if (pci.length) {
       const { unbind } = await import('../pci/binder.ts');
-      const report = await unbind({ devices: pci, lockTimeoutMs: Math.max(1000, remainingMs(ctx) - 2000) });
+      let report;
+      try {
+        report = await unbind({ devices: pci, lockTimeoutMs: Math.max(500, remainingMs(ctx) - 2000) });
+      } catch (err) {
+        throw asRefusal(err);
+      }
       restored = report.results.filter((r) => r.action === 'restored').map((r) => r.address);
       const bad = report.results.find((r) => r.action === 'failed' || r.action === 'refused');
       if (bad) say(ctx, `releasePolicy restore: ${bad.address}: ${bad.error ?? bad.action}`);

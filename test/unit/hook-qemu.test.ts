@@ -5,6 +5,7 @@
 // (qemuHook() with the fake kernel seam, which reacts to sysfs writes) where a
 // prepare has to bind, a group is held open, or release gives drivers back.
 import test from 'ava';
+import { execFileSync } from 'node:child_process';
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
@@ -441,4 +442,35 @@ test.serial('a damaged reservations file refuses VFIO domains with one line that
   t.is(r.code, 1);
   t.true(oneLine(r.err), r.err);
   t.regex(r.err, /reservations\.json is damaged \(entry 1\); fix or remove it/);
+});
+
+// --- time bounds --------------------------------------------------------------------------------
+
+test.serial('time bound: a lock another live process holds ends in a refusal naming it, within the bound', async (t) => {
+  clearReservations();
+  // This test process holds bind.lock (pid + its start time, as lock.ts writes it).
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const start = stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  mkdirSync(fake.stateDir, { recursive: true });
+  writeFileSync(join(fake.stateDir, 'bind.lock'), `${process.pid} ${start} 0123456789abcdef\n`);
+  t.teardown(() => rmSync(join(fake.stateDir, 'bind.lock'), { force: true }));
+  const xml = incoming('hostdev-pci-address.x86_64-latest.xml', { descriptors: [sourceDescriptor(VFS[0]!, '0000:06:12.5')] });
+  const r = await runHook(prefix, ['vm-l', 'migrate', 'begin', '-'], { stdin: xml, env: { ...env, VFIO_MIG_HOOK_TIMEOUT: '3' } });
+  t.is(r.code, 1);
+  t.true(oneLine(r.stderr), r.stderr);
+  t.regex(r.stderr, new RegExp(`"vm-l" migrate: .*another vfio-mig bind/unbind \\(pid ${process.pid}\\) has held .*bind\\.lock`));
+  t.deepEqual(reservations(), []);
+  t.log(`refused after ${r.ms} ms (bound 3 s)`);
+});
+
+test.serial('time bound: a syscall blocked in the kernel (a FIFO as the config) - the watchdog writes the line and kills the hook', async (t) => {
+  const fifo = join(fake.root, 'config.fifo');
+  execFileSync('mkfifo', [fifo]);
+  t.teardown(() => rmSync(fifo, { force: true }));
+  const r = await runHook(prefix, ['vm-w', 'prepare', 'begin', '-'], { stdin: pciXml(VFS[0]!, "managed='no'", 'vm-w'), env: { ...env, VFIO_MIG_CONFIG: fifo, VFIO_MIG_HOOK_TIMEOUT: '1' }, timeoutMs: 30_000 });
+  t.is(r.signal, 'SIGKILL');
+  t.true(oneLine(r.stderr), r.stderr);
+  t.regex(r.stderr, /^vfio-mig qemu hook: "vm-w" prepare: still running after 1 s \(a sysfs write blocked in the kernel\?\); stopped/);
+  t.true(r.ms < 20_000, `${r.ms} ms`);
+  t.log(`killed after ${r.ms} ms (bound 1 s + 2 s)`);
 });
