@@ -3,6 +3,6 @@
 export default {
   files: ['scratch/rig-package/*.test.mjs'],
   workerThreads: false,
-  timeout: '15m',
+  timeout: '30m',
   nodeArguments: ['--enable-source-maps'],
 };

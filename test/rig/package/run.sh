@@ -22,6 +22,6 @@ for ((i = 0; i < igb; i++)); do
 done
 export VFIO_MIG_RIG_QEMU_EXTRA="${VFIO_MIG_RIG_QEMU_EXTRA:-}$extra"
 export VFIO_MIG_RIG_EDU=${VFIO_MIG_RIG_EDU:-2}
-export VFIO_MIG_RIG_TIMEOUT=${VFIO_MIG_RIG_TIMEOUT:-1500}
+export VFIO_MIG_RIG_TIMEOUT=${VFIO_MIG_RIG_TIMEOUT:-2700}
 export VFIO_MIG_PKG_DEBS=$PWD/$debs VFIO_MIG_PKG_VERSION=$version VFIO_MIG_PKG_IGB=$igb
 exec test/rig/run.sh node_modules/.bin/ava --config test/rig/package/ava.config.mjs --concurrency=1 "$@"
