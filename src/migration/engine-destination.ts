@@ -117,7 +117,9 @@ export async function receiveDestination(o: DestinationOptions): Promise<Destina
     });
     result = await (incoming ? Promise.race([receiving, incoming.then(() => receiving)]) : receiving).catch(async (err: unknown) => {
       // QEMU's failure is the cause even when the receive then stopped as cancelled.
-      if (incoming) {
+      // When QEMU's incoming migration failed, the receive stopped as cancelled: then
+      // QEMU's failure is the cause. A stream that failed on its own keeps its cause.
+      if (incoming && abort.signal.aborted && !o.signal?.aborted && /cancelled/.test(errorText(err))) {
         const qemuFailure = await Promise.race([incoming.then(() => undefined, (qe: unknown) => qe), new Promise<undefined>((r) => setTimeout(() => r(undefined), 300))]);
         if (qemuFailure !== undefined) throw qemuFailure;
       }
