@@ -182,7 +182,9 @@ export function downtimeBreakdown(t: EngineTimelineJson): DowntimeBreakdown | un
   const phases: { name: string; ms: number }[] = [];
   let prev = stop;
   for (const [name, at] of points) {
-    if (at === undefined || at < prev) continue;
+    // Clocks of two processes (and QEMU's) are compared: a milestone outside the window
+    // or out of order is left out rather than shown as a negative phase.
+    if (at === undefined || at < prev || (at > resume && name !== 'destination cont')) continue;
     phases.push({ name, ms: round(at - prev) });
     prev = at;
   }
