@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { installFakeSysfs } from '../fake/sysfs.ts';
 import { DomainXml } from '../../src/libvirt/domain-xml.ts';
-import { readMetadata, writeMetadata, type DescriptorJson } from '../../src/compat/domain-metadata.ts';
+import { readMetadata, removeMetadata, writeMetadata, type DescriptorJson } from '../../src/compat/domain-metadata.ts';
 import { describeDevice } from '../../src/compat/descriptor.ts';
 import { qemuHook } from '../../src/hooks/qemu.ts';
 import { makePrefix, repo, runHook, type Prefix } from './hook-harness.ts';
@@ -473,4 +473,43 @@ test.serial('time bound: a syscall blocked in the kernel (a FIFO as the config) 
   t.regex(r.stderr, /^vfio-mig qemu hook: "vm-w" prepare: still running after 1 s \(a sysfs write blocked in the kernel\?\); stopped/);
   t.true(r.ms < 20_000, `${r.ms} ms`);
   t.log(`killed after ${r.ms} ms (bound 1 s + 2 s)`);
+});
+
+// --- the vfio-mig metadata element (src/compat/domain-metadata.ts) -----------------------------
+
+test('metadata: written after <name>/<uuid> when absent, read back, replaced in place, removed to the original bytes', (t) => {
+  const original = fixture('hostdev-pci-address.x86_64-latest.xml');
+  const doc = DomainXml.parse(original);
+  t.is(readMetadata(doc), undefined);
+  const descriptor = { schema: 1, id: '0000:06:12.5', kind: 'pci', vendor: '15b3', note: 'a <tag> & "quotes"' };
+  writeMetadata(doc, { host: 'src-host', hostdevs: [{ alias: 'hostdev0', type: 'pci', address: '0000:06:12.5', descriptor }] });
+  const xml = doc.serialize();
+  t.regex(xml, /<uuid>[^<]*<\/uuid>\n {2}<metadata>\n {4}<vfio-mig:hostdevs xmlns:vfio-mig='https:\/\/vfio-mig\.org\/xmlns\/domain\/1' version='1' host='src-host'>\n {6}<vfio-mig:hostdev alias='hostdev0' type='pci' address='0000:06:12\.5'>\n {8}<vfio-mig:descriptor>/);
+  // Everything outside the new element is byte for byte what it was.
+  t.is(xml.replace(/\n {2}<metadata>[\s\S]*<\/metadata>/, ''), original);
+  const back = readMetadata(DomainXml.parse(xml))!;
+  t.deepEqual(back, { version: 1, host: 'src-host', hostdevs: [{ alias: 'hostdev0', type: 'pci', address: '0000:06:12.5', descriptor }] });
+  // Replacing keeps one element (libvirt allows one per namespace) in the same place.
+  const again = DomainXml.parse(xml);
+  writeMetadata(again, { host: 'dst-host', hostdevs: [] });
+  t.is((again.serialize().match(/vfio-mig:hostdevs /g) ?? []).length, 1);
+  t.is(readMetadata(again)!.host, 'dst-host');
+  t.true(removeMetadata(again));
+  t.is(again.serialize(), original);
+});
+
+test('metadata: another prefix for our namespace is ours; malformed entries are errors that say what is wrong', (t) => {
+  const base = fixture('q35-virt-manager-basic.x86_64-latest.xml');
+  const withMd = (inner: string, attrs = "version='1'") => base.replace('</name>', `</name>\n  <metadata>\n    <x:hostdevs xmlns:x='https://vfio-mig.org/xmlns/domain/1' ${attrs}>${inner}</x:hostdevs>\n    <other:thing xmlns:other='urn:other'/>\n  </metadata>`);
+  const ok = readMetadata(DomainXml.parse(withMd(`<x:hostdev type='mdev' address='53764D0E-85A0-42B4-AF5C-2046B460B1DC'><x:descriptor>{"a":1}</x:descriptor></x:hostdev>`)))!;
+  t.deepEqual(ok.hostdevs, [{ alias: undefined, type: 'mdev', address: '53764d0e-85a0-42b4-af5c-2046b460b1dc', descriptor: { a: 1 } }]);
+  const bad: Array<[string, string | undefined, RegExp]> = [
+    ['', "version='2'", /version "2" is not supported/],
+    [`<x:hostdev type='usb' address='0000:00:01.0'><x:descriptor>{}</x:descriptor></x:hostdev>`, undefined, /type must be pci or mdev/],
+    [`<x:hostdev type='pci' address='0000:00:01.0/../..'><x:descriptor>{}</x:descriptor></x:hostdev>`, undefined, /is not a PCI address/],
+    [`<x:hostdev type='pci' address='0000:00:01.0'/>`, undefined, /has no descriptor/],
+    [`<x:hostdev type='pci' address='0000:00:01.0'><x:descriptor>[1]</x:descriptor></x:hostdev>`, undefined, /not a JSON object/],
+    [`<x:hostdev type='pci' address='0000:00:01.0' alias='a b'><x:descriptor>{}</x:descriptor></x:hostdev>`, undefined, /alias "a b" is not a QEMU device id/],
+  ];
+  for (const [inner, attrs, re] of bad) t.throws(() => readMetadata(DomainXml.parse(withMd(inner, attrs))), { message: re });
 });
