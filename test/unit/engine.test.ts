@@ -454,3 +454,42 @@ test.serial('a destination QEMU that is not waiting for a migration is refused b
   t.is(r.src.status, 'running');
   t.false(r.dst.commands.includes('stop'), 'the running destination VM was left alone');
 });
+
+// --- the commands ------------------------------------------------------------------------
+
+test.serial('vfio-mig receive and migrate-devices (standalone, unix socket, token): state moved, timelines written, exit 0', async (t) => {
+  const { main } = await import('../../src/cli/main.ts');
+  const { existsSync, readFileSync } = await import('node:fs');
+  const before = digests();
+  const sock = join(dir, `cli-${Date.now()}.sock`);
+  const token = 'ab'.repeat(32);
+  const sink = () => {
+    let text = '';
+    return { stream: { write: (s: string) => ((text += s), true) } as unknown as NodeJS.WritableStream, text: () => text };
+  };
+  const rOut = sink();
+  const sOut = sink();
+  const err = sink();
+  const recvTimeline = join(dir, 'recv.json');
+  const sendTimeline = join(dir, 'send.json');
+  const receiving = main(['receive', '--device', DST[0]!, '--device', DST[1]!, '--from', `unix:${sock}`, '--token', token, '--timeline', recvTimeline], rOut.stream, err.stream);
+  for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 20));
+  const sending = main(['migrate-devices', '--device', SRC[0]!, '--device', SRC[1]!, '--to', `unix:${sock}`, '--token', token, '--timeline', sendTimeline], sOut.stream, err.stream);
+  const [rc, sc] = await Promise.all([receiving, sending]);
+  t.is(rc, 0, `${rOut.text()}${err.text()}`);
+  t.is(sc, 0, `${sOut.text()}${err.text()}`);
+  t.regex(sOut.text(), /source: migration completed/);
+  t.regex(rOut.text(), /destination: migration completed/);
+  t.deepEqual(digests().dst, before.src);
+  const tl = JSON.parse(readFileSync(sendTimeline, 'utf8')) as { engine: { sides: { source: { ok: boolean } } } };
+  t.true(tl.engine.sides.source.ok);
+  t.true(existsSync(recvTimeline));
+});
+
+test.serial('vfio-mig migrate-devices refuses a socket without a token or TLS (usage, exit 2)', async (t) => {
+  const { main } = await import('../../src/cli/main.ts');
+  let text = '';
+  const s = { write: (x: string) => ((text += x), true) } as unknown as NodeJS.WritableStream;
+  t.is(await main(['migrate-devices', '--device', SRC[0]!, '--to', 'unix:/tmp/x.sock'], s, s), 2);
+  t.regex(text, /--token/);
+});
