@@ -254,7 +254,8 @@ test.serial("edu: QEMU's migration fails (the destination QEMU dies): rollback, 
   const { c, r, before } = await eduCase(t, {
     run: (c) => {
       ctx = c;
-      return runEngines({ dir: c.dir, source: c.src, destination: c.dst, vms: c.vms, destinationExtra: { onPhase: (p) => void (p === 'connected' && ctx!.vms.dst.proc.kill('SIGKILL')) } });
+      // Killed once QEMU's own migration is under way: QEMU reports it failed.
+      return runEngines({ dir: c.dir, source: c.src, destination: c.dst, vms: c.vms, sourceExtra: { onPhase: (p) => void (p === 'qemu-started' && ctx!.vms.dst.proc.kill('SIGKILL')) } });
     },
   });
   await assertFailedAndRecovered(t, c, { so: r.source.outcome }, /fail|closed|refused|verdict/i, before);
