@@ -22,7 +22,7 @@ import type { DeviceId } from '../host/sysfs.ts';
 import { driverIdentity, kernelRelease, moduleFacts } from './identity.ts';
 import { readCapabilities } from './cache.ts';
 import { readMigrationVersionAt } from './version-attr.ts';
-import type { DeviceDescriptor, FirmwareFacts, MdevFacts, MigrationFacts, MigrationVersionFacts } from './types.ts';
+import type { DeviceDescriptor, FirmwareFacts, MdevFacts, MigrationFacts, MigrationVersionFacts, PciIdentity } from './types.ts';
 
 export type { DeviceDescriptor, FirmwareFacts, MdevFacts, MigrationFacts, MigrationVersionFacts, CompatVerdict } from './types.ts';
 export { validateDescriptor, DescriptorError } from './types.ts';
@@ -41,14 +41,6 @@ function hexAttr(id: DeviceId, attr: string, digits: number): string | null {
   return /^[0-9a-f]+$/.test(v) && v.length <= digits ? v.padStart(digits, '0') : null;
 }
 
-interface PciIdentity {
-  vendor: string | null;
-  device: string | null;
-  subsystemVendor: string | null;
-  subsystemDevice: string | null;
-  revision: string | null;
-  class: string | null;
-}
 
 const NO_PCI: PciIdentity = { vendor: null, device: null, subsystemVendor: null, subsystemDevice: null, revision: null, class: null };
 

@@ -24,7 +24,7 @@
 import * as sysfs from '../host/sysfs.ts';
 import type { DeviceId } from '../host/sysfs.ts';
 import { describeDevice, describeMdevType, migrationVersionPath } from './descriptor.ts';
-import { validateDescriptor, type CompatVerdict, type DeviceDescriptor, type FirmwareFacts, type MdevFacts } from './types.ts';
+import { validateDescriptor, type CompatVerdict, type DeviceDescriptor, type FirmwareFacts, type MdevFacts, type PciIdentity } from './types.ts';
 import { attributeExists, writeMigrationVersionAt } from './version-attr.ts';
 
 export type { CompatVerdict } from './types.ts';
@@ -40,15 +40,9 @@ function no(decidedBy: string, reason: string, errno?: string): CompatVerdict {
 }
 
 /** The facts of the target needed for the descriptor rules. */
-interface TargetFacts {
+interface TargetFacts extends PciIdentity {
   label: string;
   kind: 'pci' | 'mdev';
-  vendor: string | null;
-  device: string | null;
-  subsystemVendor: string | null;
-  subsystemDevice: string | null;
-  revision: string | null;
-  class: string | null;
   /** null for an mdev that does not exist yet (its driver is not known before it is created). */
   driver: string | null | undefined;
   srcversion: string | null | undefined;

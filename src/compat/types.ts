@@ -232,3 +232,6 @@ export function migrationFlagNames(flags: number): string[] {
   if (rest) names.push(`0x${(rest >>> 0).toString(16)}`);
   return names;
 }
+
+/** The PCI identity fields of a descriptor (an mdev carries its parent's). */
+export type PciIdentity = Pick<DeviceDescriptor, 'vendor' | 'device' | 'subsystemVendor' | 'subsystemDevice' | 'revision' | 'class'>;
