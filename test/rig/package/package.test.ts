@@ -29,7 +29,7 @@ const NEW = join(debs, `vfio-mig_${version}+up1_amd64.deb`);
 // see a booted system, not the rig's chroot.
 let systemdPid: number | undefined;
 const sh = (cmd: string): string => {
-  const argv = systemdPid ? ['nsenter', '-t', String(systemdPid), '-m', '-p', '--', 'bash', '-c', cmd] : ['bash', '-c', cmd];
+  const argv = systemdPid ? ['nsenter', '-t', String(systemdPid), '-m', '-p', '-r', '-w', '--', 'bash', '-c', cmd] : ['bash', '-c', cmd];
   return execFileSync(argv[0]!, argv.slice(1), { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
 };
 const STANDIN = '/var/tmp/vfio-mig-libvirtd-standin';
