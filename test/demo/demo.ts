@@ -108,6 +108,8 @@ try {
   say(`== 5. vfio-mig report ${shown(timeline)} -o ${shown(svg)} ==`);
   const code = await main(['report', timeline, '-o', svg]);
   check('the report says ok', code === 0);
+  say("  (the report's \"events bound\" runs from the destination devices' first STOP arc, made while the VM still ran");
+  say('  on the source, to the last RUNNING arc: it is not the VM\'s downtime, which is the vCPU stop -> cont figure above)');
   // The source's copy is stale now: closing the devices hands them back to the kernel.
   say(`  source devices released: closed after the handover (their state now lives on ${d0}, ${d1})`);
 } catch (err) {
