@@ -8,7 +8,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs, UsageError } from './args.ts';
-import { authOptions, describeForStream, finish, parseAddress, TRANSPORT_OPTIONS } from './migrate-devices.ts';
+import { authOptions, compatAccept, describeForStream, finish, parseAddress, TRANSPORT_OPTIONS } from './migrate-devices.ts';
 
 export const usage = 'vfio-mig trial --device ID (--to unix:PATH|tcp:HOST:PORT|- [--token HEX|--tls] [--peer-device ID] | --peer-device ID) [--json]';
 
@@ -63,15 +63,39 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   let evidence: TrialEvidence;
   let code: number;
   if (!to) {
-    const { trialMigrate } = await import('../migration/trial.ts');
+    // Both devices here: the same engines, connected by an in-process pipe.
+    const { VfioDevice } = await import('../vfio/device.ts');
+    const { migrateSource } = await import('../migration/engine-source.ts');
+    const { receiveDestination } = await import('../migration/engine-destination.ts');
+    const { mergeTimelines } = await import('../migration/engine.ts');
+    const { recoverToRunning } = await import('../migration/recover.ts');
+    const { streamTransport } = await import('../migration/transport.ts');
+    const { PassThrough } = await import('node:stream');
+    const toPeer = new PassThrough();
+    const toUs = new PassThrough();
+    const src = VfioDevice.open(device);
+    let dst: import('../vfio/device.ts').VfioDevice | undefined;
     try {
-      const r = await trialMigrate(device, peerDevice!);
-      evidence = { schema: 1, device, peer: { device: peerDevice! }, ok: r.verified, bytes: r.bytes, at: new Date().toISOString(), descriptor, ...(r.verified ? {} : { cause: 'the spare device did not re-save the state it was given' }) };
+      dst = VfioDevice.open(peerDevice!);
+      const peer = dst.name;
+      const log = (line: string) => void err.write(`vfio-mig: ${line}\n`);
+      const [so, de] = await Promise.all([
+        migrateSource({ devices: [src], describe: () => descriptor, connect: async () => streamTransport(toUs, toPeer, peer), log }),
+        receiveDestination({ devices: [dst], accept: async () => streamTransport(toPeer, toUs, src.name), route: () => peer, check: (incoming, d) => compatAccept(incoming, d), log }),
+      ]);
+      const back = await recoverToRunning(src);
+      if (!back.ok) so.outcome.recovery.push(`the trial device is left in ${back.state}: ${back.error ?? ''}`);
+      const outcome = so.outcome.ok && !de.outcome.ok ? { ...de.outcome, side: 'source' as const } : so.outcome;
+      evidence = { schema: 1, device, peer: { device: peerDevice! }, ok: so.outcome.ok && de.outcome.ok, ...(outcome.cause ? { cause: outcome.cause } : {}), ...(de.outcome.bytes !== undefined ? { bytes: de.outcome.bytes } : {}), at: new Date().toISOString(), descriptor };
+      code = await finish('trial', args, { ...outcome, ok: evidence.ok }, mergeTimelines(so.timeline, de.timeline), out, err);
     } catch (e) {
       evidence = { schema: 1, device, peer: { device: peerDevice! }, ok: false, cause: (e as Error).message, at: new Date().toISOString(), descriptor };
+      out.write(`trial: FAILED: ${evidence.cause}\n`);
+      code = 1;
+    } finally {
+      await src.close();
+      await dst?.close();
     }
-    out.write(evidence.ok ? `trial: the state of ${device} (${evidence.bytes} bytes) loaded on ${peerDevice}\n` : `trial: FAILED: ${evidence.cause}\n`);
-    code = evidence.ok ? 0 : 1;
   } else {
     const address = parseAddress(to);
     const auth = authOptions(args);

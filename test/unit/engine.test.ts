@@ -493,3 +493,27 @@ test.serial('vfio-mig migrate-devices refuses a socket without a token or TLS (u
   t.is(await main(['migrate-devices', '--device', SRC[0]!, '--to', 'unix:/tmp/x.sock'], s, s), 2);
   t.regex(text, /--token/);
 });
+
+test.serial('vfio-mig trial --peer-device: the state loads on the spare; evidence stored under the state dir; the trial device runs', async (t) => {
+  const { main } = await import('../../src/cli/main.ts');
+  const { readFileSync } = await import('node:fs');
+  const stateDir = mkdtempSync(join(dir, 'state-'));
+  const saved = process.env.VFIO_MIG_STATE_DIR;
+  process.env.VFIO_MIG_STATE_DIR = stateDir;
+  let text = '';
+  const s = { write: (x: string) => ((text += x), true) } as unknown as NodeJS.WritableStream;
+  try {
+    const before = fake.device(SRC[0]!).digest();
+    t.is(await main(['trial', '--device', SRC[0]!, '--peer-device', DST[0]!, '--timeline', join(stateDir, 'trial.json')], s, s), 0, text);
+    t.is(fake.device(DST[0]!).digest(), before);
+    const ev = JSON.parse(readFileSync(join(stateDir, 'trials', `${SRC[0]!}.json`), 'utf8')) as { ok: boolean; peer: { device: string } };
+    t.true(ev.ok);
+    t.is(ev.peer.device, DST[0]);
+    const dev = VfioDevice.open(SRC[0]!);
+    t.is(await dev.state(), MigState.Running);
+    await dev.close();
+  } finally {
+    if (saved === undefined) delete process.env.VFIO_MIG_STATE_DIR;
+    else process.env.VFIO_MIG_STATE_DIR = saved;
+  }
+});
