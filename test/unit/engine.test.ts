@@ -508,7 +508,7 @@ test.serial('vfio-mig trial --peer-device: the state loads on the spare; evidenc
     t.is(fake.device(DST[0]!).digest(), before);
     const ev = JSON.parse(readFileSync(join(stateDir, 'trials', `${SRC[0]!}.json`), 'utf8')) as { ok: boolean; peer: { device: string } };
     t.true(ev.ok);
-    t.is(ev.peer.device, DST[0]);
+    t.is(ev.peer.device, DST[0]!);
     const dev = VfioDevice.open(SRC[0]!);
     t.is(await dev.state(), MigState.Running);
     await dev.close();
