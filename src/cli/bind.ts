@@ -9,6 +9,31 @@ import { table } from './table.ts';
 
 export const usage = 'vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]   bind devices to the driver the table chooses';
 
+export const help = `usage: vfio-mig bind [--all | --device BDF...] [--dry-run] [--json]
+
+Moves PCI devices to the driver the operator's table (/etc/vfio-mig/config.json) and the
+kernel's vfio_pci: aliases in modules.alias choose - a vfio-pci variant driver with
+migration support where one matches - through driver_override, whole IOMMU groups at a
+time, and proves each bind took by reading the driver link back. What changed is
+recorded in /var/lib/vfio-mig/bindings.json so that \`vfio-mig unbind\` can restore it.
+A device just bound to a VFIO driver is probed once (migration flags, MIG_DATA_SIZE,
+descriptor) into the capability cache that preflight and the hooks read. A device whose
+IOMMU group a VM holds is never rebound. The boot unit runs \`bind --all\`; udev runs
+\`bind --device\` for every VF the kernel adds.
+
+options:
+  --all          every PCI device the table or an alias covers
+  --device BDF   only this device (repeatable; a bare address works too)
+  --dry-run      say what would change, change nothing
+  --json         the report as JSON
+
+environment: VFIO_MIG_CONFIG, VFIO_MIG_STATE_DIR (default /var/lib/vfio-mig),
+  VFIO_MIG_SYSFS, VFIO_MIG_MODULES_DIR, VFIO_MIG_MODPROBE,
+  VFIO_MIG_PROBE_ON_BIND=0 (no capability probe after a bind)
+exit codes: 0 nothing failed or was refused (skipped devices are not failures); 1 otherwise;
+  2 usage error
+`;
+
 export async function run(argv: string[], out: NodeJS.WritableStream): Promise<number> {
   const args = parseArgs(argv, { flags: ['all', 'dry-run', 'json'], options: ['device'] });
   const devices = [...(args.options.get('device') ?? []), ...args.positional];
