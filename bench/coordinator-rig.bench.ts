@@ -9,11 +9,8 @@
 // On the host, run() bundles this file, boots the rig with 12 edu devices and returns the
 // guest's headline; in the guest (VFIO_MIG_IN_RIG) it measures.
 
-import { spawn } from 'node:child_process';
-import { mkdirSync, rmSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { VfioDevice } from '../src/vfio/device.ts';
+import { measureInRig } from './in-rig.ts';
 import { Coordinator } from '../src/migration/coordinator.ts';
 import { MigState } from '../src/vfio/uapi.ts';
 import { prewarm } from '../src/host/sys.ts';
@@ -22,7 +19,6 @@ import { prepareEdu, eduKnob } from '../test/rig/guest.ts';
 const ARC_DELAY_US = 50_000;
 const SIZES = [1, 4, 12];
 const REPEATS = Number(process.env.VFIO_MIG_BENCH_REPEATS ?? 5);
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 async function sequential(devs: VfioDevice[]): Promise<number> {
   const t0 = performance.now();
@@ -99,48 +95,8 @@ export async function measure(): Promise<string> {
 }
 
 /** On the host: bundle, boot the rig with enough edu devices, stream its output, return its headline. */
-async function viaRig(): Promise<string> {
-  const { build } = await import('esbuild');
-  // Not test/.rig-build: test/rig/build.mjs empties that folder whenever anyone builds.
-  // Under node_modules, so that packages (koffi) resolve from the bundle's location.
-  const outDir = join(root, 'node_modules', '.cache', 'vfio-mig-bench');
-  mkdirSync(outDir, { recursive: true });
-  const outfile = join(outDir, `coordinator-rig-${process.pid}.mjs`);
-  await build({
-    stdin: {
-      contents: `import { measure } from ${JSON.stringify(fileURLToPath(import.meta.url))};\nconsole.log(await measure());\n`,
-      resolveDir: root,
-      loader: 'ts',
-    },
-    outfile,
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    target: 'node20',
-    sourcemap: 'inline',
-    packages: 'external',
-    logLevel: 'warning',
-  });
-  const env = { ...process.env, VFIO_MIG_RIG_EDU: process.env.VFIO_MIG_RIG_EDU ?? String(Math.max(...SIZES)) };
-  let headline = '';
-  const code = await new Promise<number>((resolve, reject) => {
-    const child = spawn(join(root, 'test', 'rig', 'run.sh'), [`node --enable-source-maps ${outfile}`], { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] });
-    let pending = '';
-    child.stdout.setEncoding('utf8');
-    child.stdout.on('data', (chunk: string) => {
-      pending += chunk;
-      for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
-        const line = pending.slice(0, nl);
-        pending = pending.slice(nl + 1);
-        if (line.startsWith('coordinator-rig: ')) headline = line;
-        else console.log(line);
-      }
-    });
-    child.on('error', reject);
-    child.on('close', (c) => resolve(c ?? 1));
-  }).finally(() => rmSync(outfile, { force: true }));
-  if (!headline) throw new Error(`the rig run ended (exit ${code}) without a headline`);
-  return headline;
+function viaRig(): Promise<string> {
+  return measureInRig('coordinator-rig', import.meta.url, { VFIO_MIG_RIG_EDU: process.env.VFIO_MIG_RIG_EDU ?? String(Math.max(...SIZES)) });
 }
 
 export async function run(): Promise<string> {

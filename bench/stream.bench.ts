@@ -13,11 +13,11 @@
 // guest's headline; in the guest (VFIO_MIG_IN_RIG) it measures.
 
 import { spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { VfioDevice } from '../src/vfio/device.ts';
+import { measureInRig } from './in-rig.ts';
 import { MigState } from '../src/vfio/uapi.ts';
 import { prepareEdu, eduKnob } from '../test/rig/guest.ts';
 import { runEngines, type EngineRun } from '../test/rig/engine-vms.ts';
@@ -26,7 +26,6 @@ const MIB = 1 << 20;
 const BIG = Number(process.env.VFIO_MIG_BENCH_STREAM_MIB ?? 256);
 const EACH = Number(process.env.VFIO_MIG_BENCH_STREAM_EACH_MIB ?? 32);
 const COUNTS = [1, 2, 4];
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
 async function viaCat(a: VfioDevice, b: VfioDevice): Promise<number> {
   const t0 = performance.now();
@@ -125,43 +124,8 @@ export async function measure(): Promise<string> {
 }
 
 /** On the host: bundle, boot the rig with 8 edu devices, stream its output, return its headline. */
-async function viaRig(): Promise<string> {
-  const { build } = await import('esbuild');
-  // Not test/.rig-build (test/rig/build.mjs empties it); under node_modules so koffi resolves.
-  const outDir = join(root, 'node_modules', '.cache', 'vfio-mig-bench');
-  mkdirSync(outDir, { recursive: true });
-  const outfile = join(outDir, `stream-${process.pid}.mjs`);
-  await build({
-    stdin: { contents: `import { measure } from ${JSON.stringify(fileURLToPath(import.meta.url))};\nconsole.log(await measure());\n`, resolveDir: root, loader: 'ts' },
-    outfile,
-    bundle: true,
-    platform: 'node',
-    format: 'esm',
-    target: 'node20',
-    sourcemap: 'inline',
-    packages: 'external',
-    logLevel: 'warning',
-  });
-  const env = { ...process.env, VFIO_MIG_RIG_EDU: process.env.VFIO_MIG_RIG_EDU ?? String(2 * Math.max(...COUNTS)), VFIO_MIG_RIG_TIMEOUT: process.env.VFIO_MIG_RIG_TIMEOUT ?? '2400' };
-  let headline = '';
-  const code = await new Promise<number>((resolve, reject) => {
-    const child = spawn(join(root, 'test', 'rig', 'run.sh'), [`node --enable-source-maps ${outfile}`], { cwd: root, env, stdio: ['ignore', 'pipe', 'inherit'] });
-    let pending = '';
-    child.stdout.setEncoding('utf8');
-    child.stdout.on('data', (chunk: string) => {
-      pending += chunk;
-      for (let nl = pending.indexOf('\n'); nl >= 0; nl = pending.indexOf('\n')) {
-        const line = pending.slice(0, nl);
-        pending = pending.slice(nl + 1);
-        if (line.startsWith('stream: ')) headline = line;
-        else console.log(line);
-      }
-    });
-    child.on('error', reject);
-    child.on('close', (c) => resolve(c ?? 1));
-  }).finally(() => rmSync(outfile, { force: true }));
-  if (!headline) throw new Error(`the rig run ended (exit ${code}) without a headline`);
-  return headline;
+function viaRig(): Promise<string> {
+  return measureInRig('stream', import.meta.url, { VFIO_MIG_RIG_EDU: process.env.VFIO_MIG_RIG_EDU ?? String(2 * Math.max(...COUNTS)), VFIO_MIG_RIG_TIMEOUT: process.env.VFIO_MIG_RIG_TIMEOUT ?? '2400' });
 }
 
 export async function run(): Promise<string> {
