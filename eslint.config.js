@@ -4,7 +4,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['node_modules/', '**/scratch/', 'native/', '**/*.cjs', 'test/.rig-build/', 'dist/'] },
+  { ignores: ['node_modules/', '**/scratch/', 'native/', '**/*.cjs', 'test/.rig-build/', 'test/.rig-build-*/', 'dist/'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
