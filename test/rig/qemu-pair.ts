@@ -11,10 +11,34 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { ExecutionContext } from 'ava';
 import { QmpClient } from '../../src/qmp/client.ts';
 
 const QEMU = process.env.VFIO_MIG_QEMU ?? 'qemu-system-x86_64';
+
+/**
+ * Who cleans up: an ava test context, or the demo's own list (anything with `teardown`).
+ * Teardowns run in reverse order of registration, as ava does.
+ */
+export interface Cleanup {
+  teardown(fn: () => unknown): void;
+}
+
+/** A Cleanup for code outside ava: call run() when done. */
+export function cleanupList(): Cleanup & { run(): Promise<void> } {
+  const fns: Array<() => unknown> = [];
+  return {
+    teardown: (fn) => void fns.push(fn),
+    async run() {
+      while (fns.length) {
+        try {
+          await fns.pop()!();
+        } catch {
+          /* keep cleaning up */
+        }
+      }
+    },
+  };
+}
 
 export interface Vm {
   name: string;
@@ -29,7 +53,7 @@ export interface Vm {
  * watch. Nested TCG with a VFIO device is slow to start (the type1 container pins all
  * guest RAM through the vIOMMU), hence the generous limits.
  */
-async function startQemu(t: ExecutionContext, dir: string, name: string, extra: string[]): Promise<Vm> {
+async function startQemu(t: Cleanup, dir: string, name: string, extra: string[]): Promise<Vm> {
   const qmpPath = join(dir, `${name}.qmp`);
   const args = ['-name', name, '-M', 'q35', '-nodefaults', '-no-user-config', '-accel', 'tcg', '-m', '64', '-smp', '1', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`, ...extra];
   const proc = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
@@ -81,7 +105,7 @@ async function waitFor(path: string, ms: number): Promise<void> {
   }
 }
 
-export async function startPair(t: ExecutionContext, srcDevices: string[], dstDevices: string[]): Promise<Pair> {
+export async function startPair(t: Cleanup, srcDevices: string[], dstDevices: string[]): Promise<Pair> {
   const dir = mkdtempSync(join(tmpdir(), 'vfio-mig-watch-'));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
   const srcWatch = join(dir, 'src-watch.qmp');
