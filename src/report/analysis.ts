@@ -164,7 +164,12 @@ function phasesOfEngine(tl: Timeline): { phases: Phase[]; bound?: number } {
   }
   const phases = [...spans.values()].sort((a, b) => a.start - b.start);
   // Device downtime: the first arc into a stopped state .. the last arc into RUNNING after it.
-  const stops = tl.marks.filter((m) => m.kind === 'device' && m.state && STOPPED.has(m.state));
+  // On the destination a device passes through STOP on its way from RUNNING to RESUMING,
+  // while the VM still runs on the source: when the source's arcs are recorded, the bound
+  // starts at the source's first stop (the vCPUs are stopped by then).
+  const deviceStops = tl.marks.filter((m) => m.kind === 'device' && m.state && STOPPED.has(m.state));
+  const sourceStops = deviceStops.filter((m) => m.side === 'source');
+  const stops = sourceStops.length ? sourceStops : deviceStops;
   const out: { phases: Phase[]; bound?: number } = { phases };
   if (stops.length) {
     const from = Math.min(...stops.map((m) => m.tStart ?? m.t));

@@ -88,6 +88,26 @@ test("the engine's timeline renders too: device lanes, arcs, no vCPU lane", (t) 
   t.is(a.events.downtimeBoundMs, 6.5, 'from the stop-copy arc issued (2) to RUNNING returned (8.5)');
 });
 
+test("the engine's downtime bound starts at the source's stop, not at the destination's STOP on its way to RESUMING", (t) => {
+  const rec: EngineRecord = {
+    devices: ['0000:01:00.0', '0000:02:00.0'],
+    timeline: [
+      // The destination device walks RUNNING -> STOP -> RESUMING while the VM still runs on the source.
+      { device: '0000:02:00.0', op: 'set', from: 'RUNNING', to: 'STOP', phase: 'resuming', start: 0.2, end: 0.4, result: 'ok' },
+      { device: '0000:02:00.0', op: 'set', from: 'STOP', to: 'RESUMING', phase: 'resuming', start: 0.4, end: 0.6, result: 'ok' },
+      { device: '0000:01:00.0', op: 'set', from: 'RUNNING', to: 'RUNNING_P2P', phase: 'quiesce', start: 1, end: 1.5, result: 'ok' },
+      { device: '0000:01:00.0', op: 'set', from: 'RUNNING_P2P', to: 'STOP_COPY', phase: 'stop-copy', start: 2, end: 2.5, result: 'ok' },
+      { device: '0000:02:00.0', op: 'set', from: 'RESUMING', to: 'STOP', phase: 'commit', start: 6, end: 7, result: 'ok' },
+      { device: '0000:02:00.0', op: 'set', from: 'STOP', to: 'RUNNING_P2P', phase: 'resume-p2p', start: 7, end: 7.5, result: 'ok' },
+      { device: '0000:02:00.0', op: 'set', from: 'RUNNING_P2P', to: 'RUNNING', phase: 'resume', start: 8, end: 8.5, result: 'ok' },
+      { device: '0000:01:00.0', op: 'set', from: 'STOP_COPY', to: 'STOP', phase: 'finish', start: 9, end: 9.5, result: 'ok' },
+    ],
+  };
+  const a = analyze(parseTimeline(rec));
+  t.is(a.verdict, 'ok');
+  t.is(a.events.downtimeBoundMs, 6.5, "from the source's stop-copy arc issued (2) to RUNNING returned (8.5)");
+});
+
 test('hostile device names are escaped: the document stays well-formed and the names come back as text', (t) => {
   const rec = load('mtty-x2.json');
   const hostile = `dev"><script>alert(1)</script><x a='&amp;'\u0001\u0007 ]]> <!--`;
