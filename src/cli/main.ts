@@ -20,6 +20,8 @@ const SUBCOMMANDS: Record<string, () => Promise<Subcommand>> = {
   qmp: () => import('./qmp.ts'),
   events: () => import('./events.ts'),
   preflight: () => import('./preflight.ts'),
+  migrate: () => import('./migrate.ts'),
+  'enable-events': () => import('./enable-events.ts'),
   'host-facts': () => import('./host-facts.ts'),
   watch: () => import('./watch.ts'),
   report: () => import('./report.ts'),
@@ -48,6 +50,10 @@ const HELP_LINES = [
   '                                       print QMP events as they arrive; stop at EVENT or after S seconds',
   'vfio-mig preflight <domain> --to URI [--json] [--print-xml FILE] | --xml FILE',
   '                                       can this VM migrate there: every check, pass/warn/fail, advice (exit 0/1/2)',
+  'vfio-mig migrate <domain> --to URI [--live] [--fix] [--force] [--downtime auto|MS] [--json]',
+  '                                       preflight, destination XMLs, downtime limit, libvirt migration, watched; verdict',
+  'vfio-mig enable-events <domain> [--uri URI] [--fix]',
+  '                                       migration-events=on (and --fix: the trap fixes) in the persistent definition',
   'vfio-mig host-facts [--json] [--sources FILE|-] [--uri URI]',
   '                                       this host\'s migration facts (versioned JSON; what preflight asks a destination)',
   'vfio-mig watch --source-qmp PATH --dest-qmp PATH [--json] [--timeout S] [--timeline FILE]',
@@ -71,6 +77,7 @@ const EXIT_LINES = [
   '            4 qmp/events: time limit reached (no greeting or reply; --until EVENT not seen)',
   '            watch/report: 0 ok, 1 migration failed, 5 ordering rule broken',
   '            preflight: 0 every check passed, 1 warnings, 2 a check failed (or preflight could not run)',
+  '            migrate: 0 ok, 1 failed (still on the source), 3 not started, 4 time limit (aborted), 5 rule broken',
 ];
 
 function help(): string {
