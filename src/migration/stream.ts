@@ -37,7 +37,7 @@ export const FrameType = { Descriptor: 1, Data: 2, DeviceEnd: 3, Trailer: 4 } as
 
 /** Limits a reader enforces (and a writer respects). */
 export interface StreamLimits {
-  /** Largest DATA payload accepted (default 16 MiB; the writer sends 1 MiB). */
+  /** Largest DATA payload accepted (default 16 MiB; the writer sends 4 MiB). */
   maxChunk: number;
   /** Largest descriptor JSON (default 64 KiB). */
   maxDescriptor: number;
@@ -47,7 +47,7 @@ export interface StreamLimits {
 
 export const DEFAULT_LIMITS: Readonly<StreamLimits> = { maxChunk: 16 << 20, maxDescriptor: 64 << 10, maxDevices: 1024 };
 /** DATA payload size the writer uses unless told otherwise. */
-export const DEFAULT_FRAME = 1 << 20;
+export const DEFAULT_FRAME = 4 << 20;
 
 /**
  * The compatibility descriptor of a device as the stream carries it: an opaque JSON
@@ -101,7 +101,7 @@ function frameHeader(type: number, index: number, length: number): Buffer {
 export type Sink = (b: Buffer) => void | Promise<void>;
 
 export interface WriterOptions {
-  /** DATA payload size (default 1 MiB); larger chunks are split. */
+  /** DATA payload size (default 4 MiB); larger chunks are split. */
   frameSize?: number;
   limits?: Partial<StreamLimits>;
 }

@@ -207,6 +207,14 @@ function readPem(path: string, what: string): Buffer {
 }
 
 const HELLO_MAGIC = Buffer.from('VFMIGHEL');
+/**
+ * Socket buffer sizes (Node's highWaterMark) in each direction. Node's 16 KiB default
+ * stops reading the socket after every 64 KiB read until the receiver asks again, so
+ * the receiver handled the stream in 64 KiB pieces, each costing an event-loop turn, a
+ * digest update and a queue push; with room for a few MiB, whatever arrived while the
+ * receiver was busy comes as one piece. Both are bounds, so memory stays bounded.
+ */
+const SOCKET_BUFFER = 4 << 20;
 const HELLO_SIZE = 40;
 const ACK = Buffer.from('VFMIGOK1');
 
@@ -350,7 +358,7 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
     throw err instanceof TransportError ? err : new TransportError('CONFIG', `cannot use the TLS files: ${(err as Error).message}`, err);
   }
   function createServer(): net.Server {
-    if (!opts.tls) return net.createServer({ allowHalfOpen: true }, (s) => void handle(s));
+    if (!opts.tls) return net.createServer({ allowHalfOpen: true, highWaterMark: SOCKET_BUFFER }, (s) => void handle(s));
     const f = pki(opts.tls);
     const srv = tls.createServer(
       {
@@ -362,6 +370,7 @@ export async function listen(endpoint: Endpoint, opts: ListenOptions): Promise<L
         minVersion: 'TLSv1.2',
         handshakeTimeout: authMs,
         allowHalfOpen: true,
+        highWaterMark: SOCKET_BUFFER,
       },
       (s) => void handle(s),
     );
@@ -417,7 +426,7 @@ function tlsConnect(endpoint: Endpoint, target: { path: string } | { host: strin
     minVersion: 'TLSv1.2',
   };
   // allowHalfOpen: the receiver answers after we ended our side (TLSSocket honours it).
-  Object.assign(options, { allowHalfOpen: true });
+  Object.assign(options, { allowHalfOpen: true, highWaterMark: SOCKET_BUFFER });
   if (servername === undefined) {
     // A unix socket without a name: the CA chain is verified, the name is not.
     options.checkServerIdentity = () => undefined;
@@ -463,7 +472,7 @@ export async function connect(endpoint: Endpoint, opts: ConnectOptions): Promise
       resolve(s!);
     };
     try {
-      s = opts.tls ? tlsConnect(endpoint, target, opts.tls, opts.servername, ready) : net.connect({ ...target, allowHalfOpen: true }, ready);
+      s = opts.tls ? tlsConnect(endpoint, target, opts.tls, opts.servername, ready) : net.connect(Object.assign({ ...target, allowHalfOpen: true }, { highWaterMark: SOCKET_BUFFER }), ready); // highWaterMark: in Node's Socket options, not in its types
     } catch (err) {
       clearTimeout(timer);
       reject(err instanceof TransportError ? err : new TransportError('CONFIG', `cannot use the TLS files: ${(err as Error).message}`, err));
