@@ -64,6 +64,8 @@ const QEMU_DEFAULT_LIMIT_MS = 300;
 const MAX_LIMIT_MS = 2_000_000;
 const SETTLE_MS = 10_000;
 const READY_TIMEOUT_MS = 60_000;
+/** How long the watch may still collect events after libvirt reported a failure. */
+const FAILED_GRACE_MS = 5_000;
 
 const HELP = `usage: ${usage}
 
@@ -331,7 +333,7 @@ export function verdictOf(o: Outcome): { verdict: MigrateVerdict; exitCode: numb
 const ms = (v: number | undefined): string => (v === undefined ? '-' : `${Math.round(v * 10) / 10} ms`);
 
 /** The lines after the watch's summary: what failed and where things were left, the downtime, the files. */
-export function outcomeLines(o: Outcome, ctx: { domain: string; predicted?: PreflightReport['downtime']; limitMs?: number; timeline?: string; report?: string }): string[] {
+export function outcomeLines(o: Outcome, ctx: { domain: string; hostdevs?: number; predicted?: PreflightReport['downtime']; limitMs?: number; timeline?: string; report?: string }): string[] {
   const { verdict } = verdictOf(o);
   const a: Analysis | undefined = o.watch?.analysis;
   const lines: string[] = [];
@@ -342,9 +344,13 @@ export function outcomeLines(o: Outcome, ctx: { domain: string; predicted?: Pref
     const why = o.aborted === 'timeout' ? 'the time limit was reached and the migration aborted' : o.aborted === 'interrupted' ? 'interrupted; the migration aborted' : 'the migration failed';
     lines.push(`verdict: ${verdict} - ${why}; ${ctx.domain} ${o.sourceState ? `is ${o.sourceState} on the source` : 'is not on the source any more'}${o.destinationState ? `, and ${o.destinationState} on the destination` : ''}`);
     if (o.libvirtError) lines.push(`libvirt: ${o.libvirtError}`);
-    if (a?.failure) lines.push(`failed in phase ${a.failure.phase}${a.failure.devices.length ? `, device ${a.failure.devices.join(', ')}` : ''}: ${a.failure.detail}`);
+    // No phase at all: QEMU never began (libvirt or the destination refused first).
+    const neverBegan = a !== undefined && a.phases.length === 0 && !a.devices.some((d) => d.source.length > 1);
+    if (neverBegan) lines.push("QEMU never started migrating (refused before): nothing on the source was touched");
+    else if (a?.failure) lines.push(`failed in phase ${a.failure.phase}${a.failure.devices.length ? `, device ${a.failure.devices.join(', ')}` : ''}: ${a.failure.detail}`);
     if (a?.qemu.errorDesc) lines.push(`QEMU reported: ${a.qemu.errorDesc}`);
-    if (a && a.devices.length) lines.push(`source devices left in: ${a.devices.map((d) => `${d.id} ${d.final.source}`).join(', ')}`);
+    if (ctx.hostdevs === 0) lines.push('source devices: none (the domain has no VFIO hostdevs)');
+    else if (a && a.devices.length) lines.push(`source devices left in: ${a.devices.map((d) => `${d.id} ${d.final.source}`).join(', ')}`);
     else if (a) lines.push('source devices left in: unknown (no VFIO_MIGRATION events; migration-events is off on the source)');
     else lines.push('source devices left in: unknown (not watched)');
   }
@@ -685,10 +691,15 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     if (refine) await refine.done;
     say(`libvirt: ${outcome.migrated ? 'migration done' : `migration failed: ${outcome.libvirtError}`} after ${((Date.now() - started) / 1000).toFixed(1)} s`);
     if (watchP) {
+      // The watch ends by itself once the closing events are in; a migration refused before
+      // it began gives it none, so it is stopped after a grace period (shorter after a failure).
+      const grace = setTimeout(() => ac.abort(), outcome.migrated ? SETTLE_MS + 5000 : FAILED_GRACE_MS);
       try {
         outcome.watch = await watchP;
       } catch (e) {
         outcome.watchError = `the watch failed: ${(e as Error).message}`;
+      } finally {
+        clearTimeout(grace);
       }
     }
     ac.abort();
@@ -723,7 +734,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
         const { formatSummary } = await import('../report/summary.ts');
         out.write(`\n${formatSummary(outcome.watch.analysis)}\n`);
       }
-      for (const l of outcomeLines(outcome, { domain: o.domain, predicted: pf.report.downtime, limitMs, timeline, report: svg })) say(l);
+      for (const l of outcomeLines(outcome, { domain: o.domain, hostdevs: pf.view.hostdevs.length, predicted: pf.report.downtime, limitMs, timeline, report: svg })) say(l);
     }
     return finish(v.verdict, v.exitCode);
   } finally {

@@ -1,0 +1,203 @@
+// vfio-mig migrate and enable-events against the real libvirt test pair (two libvirtd 11.3
+// "hosts" in their own network + mount namespaces, see hosts.ts). The domains have no real
+// VFIO devices (this machine has none to give): the migration itself, the preflight gate,
+// a refusal by the destination, and the persistent-definition edit are what is real here.
+// Needs root; test/libvirt/setup.sh installs the packages. Serial: one pair of daemons.
+import test from 'ava';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Connection, type Domain } from '../../src/libvirt/binding.ts';
+import { DomainXml } from '../../src/libvirt/domain-xml.ts';
+import { runCli } from '../cli-harness.ts';
+import { cannotRun, startHosts, tinyDomainXml, type Hosts } from './hosts.ts';
+
+const why = cannotRun();
+
+let hosts: Hosts;
+let a: Connection;
+let b: Connection;
+const domains: Domain[] = [];
+const work = mkdtempSync(join(tmpdir(), 'vfio-mig-migrate-lv-'));
+const savedStateDir = process.env.VFIO_MIG_STATE_DIR;
+
+if (why) {
+  test('libvirt suite prerequisites', (t) => t.fail(`LIBVIRT SUITE CANNOT RUN: ${why}`));
+} else {
+  test.before(async () => {
+    process.env.VFIO_MIG_STATE_DIR = join(work, 'state');
+    hosts = await startHosts();
+    a = Connection.open(hosts.a.uri);
+    b = Connection.open(hosts.b.uri);
+  });
+  test.after.always(async () => {
+    for (const d of domains) d.dispose();
+    a?.close();
+    b?.close();
+    await hosts?.stop();
+    rmSync(work, { recursive: true, force: true });
+    if (savedStateDir === undefined) delete process.env.VFIO_MIG_STATE_DIR;
+    else process.env.VFIO_MIG_STATE_DIR = savedStateDir;
+  });
+}
+
+const stest = why ? test.skip : test.serial;
+
+function stateOn(conn: Connection, name: string): string | undefined {
+  try {
+    const d = conn.lookupDomain(name);
+    domains.push(d);
+    return d.state().state;
+  } catch {
+    return undefined;
+  }
+}
+
+stest('migrate moves a running domain A -> B: verdict ok, the timeline and the SVG written, persistent on B', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig'));
+  domains.push(d);
+  d.start();
+  const timeline = join(work, 'vm-mig.json');
+  const svg = join(work, 'vm-mig.svg');
+  const r = await runCli(['migrate', 'vm-mig', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--timeline', timeline, '--report', svg, '--timeout', '300']);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 0, r.err);
+  t.regex(r.out, /^preflight: PASS/m);
+  t.regex(r.out, /^verdict: ok - vm-mig runs on the destination \(running\)/m);
+  t.regex(r.out, /^downtime:$/m);
+  t.is(stateOn(b, 'vm-mig'), 'running');
+  t.is(stateOn(a, 'vm-mig'), 'shutoff', 'the source keeps its (inactive) definition');
+  // The persistent definition reached B: it survives a destroy there.
+  const onB = b.lookupDomain('vm-mig');
+  domains.push(onB);
+  onB.destroy();
+  t.is(onB.state().state, 'shutoff', 'persistent on B (PERSIST_DEST with the rewritten persistent XML)');
+  t.regex(r.out, new RegExp(`^timeline: ${timeline}$`, 'm'));
+  t.regex(r.out, new RegExp(`^report: ${svg}$`, 'm'));
+  t.true(existsSync(timeline) && existsSync(svg), 'timeline and SVG written');
+  const tl = JSON.parse(readFileSync(timeline, 'utf8')) as { format: string; origin: string };
+  t.is(tl.format, 'vfio-mig/timeline');
+  t.regex(readFileSync(svg, 'utf8'), /^<svg xmlns="http:\/\/www\.w3\.org\/2000\/svg"/m);
+  onB.undefine();
+  a.lookupDomain('vm-mig').undefine();
+});
+
+stest('--json: one object, verdict ok; --downtime auto sets the limit and says how it was derived', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-json'));
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-json', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--json', '--downtime', 'auto', '--link-gbps', '0.001', '--timeout', '300']);
+  t.is(r.code, 0, r.err);
+  const j = JSON.parse(r.out) as { schema: string; verdict: string; exitCode: number; started: boolean; downtime: { limitMs: number; derivation: string }; destinationState: string };
+  t.log(JSON.stringify({ ...j, preflight: undefined, analysis: undefined }, null, 2));
+  t.is(j.schema, 'vfio-mig/migrate/1');
+  t.is(j.verdict, 'ok');
+  t.is(j.exitCode, 0);
+  t.true(j.started);
+  t.is(j.destinationState, 'running');
+  // No device state: the auto limit is the room alone, below QEMU's 300 ms, so the limit in force is kept.
+  t.regex(j.downtime.derivation, /^devices 0 B .* at 0\.1 MB\/s \(--link-gbps\) = 0 ms; x1\.25 \+ 50 ms = 50 ms/);
+  t.regex(j.downtime.derivation, /kept/);
+  t.is(j.downtime.limitMs, 300);
+  b.lookupDomain('vm-mig-json').destroy();
+  b.lookupDomain('vm-mig-json').undefine();
+  a.lookupDomain('vm-mig-json').undefine();
+});
+
+stest('--downtime MS sets the limit through libvirt before the migration starts', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-dt'));
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-dt', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--downtime', '1234', '--timeout', '300']);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 0, r.err);
+  t.regex(r.out, /^downtime limit: 1234 ms \(--downtime 1234\)$/m);
+  t.regex(r.out, /^ {2}limit: +1234 ms$/m);
+  b.lookupDomain('vm-mig-dt').destroy();
+  b.lookupDomain('vm-mig-dt').undefine();
+  a.lookupDomain('vm-mig-dt').undefine();
+});
+
+stest('a failed preflight check stops the migration (exit 3) unless --force; the domain keeps running on A', async (t) => {
+  // ivshmem-plain without master=on: a real QEMU migration blocker (the qemu-blockers check fails).
+  const xml = tinyDomainXml('vm-mig-blocked').replace('<memballoon', "<shmem name='migshm'><model type='ivshmem-plain'/><size unit='M'>1</size></shmem>\n    <memballoon");
+  const d = a.defineDomain(xml);
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-blocked', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live']);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 3, r.err);
+  t.regex(r.out, /FAIL qemu-blockers source: QEMU blocks migration: .*ivshmem/);
+  t.regex(r.out, /^not started: 1 failed check \(qemu-blockers source\)/m);
+  t.notRegex(r.out, /^migrating/m, 'libvirt was never asked');
+  t.is(stateOn(a, 'vm-mig-blocked'), 'running');
+  t.is(stateOn(b, 'vm-mig-blocked'), undefined);
+  // --force: libvirt is asked, QEMU refuses; the verdict is failed and the domain is still on A.
+  const f = await runCli(['migrate', 'vm-mig-blocked', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--force', '--json']);
+  const j = JSON.parse(f.out) as { verdict: string; started: boolean; libvirtError: string; sourceState: string; notes: string[] };
+  t.log(j.libvirtError);
+  t.is(f.code, 1, f.err);
+  t.is(j.verdict, 'failed');
+  t.true(j.started);
+  t.regex(j.libvirtError, /ivshmem|migrat/i);
+  t.is(j.sourceState, 'running');
+  t.is(stateOn(a, 'vm-mig-blocked'), 'running');
+  d.destroy();
+  d.undefine();
+});
+
+stest('a destination refusal (a different domain of that name on B): verdict failed, exit 1, the domain still runs on A', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-clash'));
+  domains.push(d);
+  d.start();
+  // Same name, another UUID: B's libvirt refuses the incoming domain.
+  const other = b.defineDomain(tinyDomainXml('vm-mig-clash'));
+  domains.push(other);
+  const r = await runCli(['migrate', 'vm-mig-clash', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live']);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 1, r.err);
+  t.regex(r.out, /^verdict: failed - the migration failed; vm-mig-clash is running on the source/m);
+  t.regex(r.out, /^libvirt: .*(already exists|uuid)/im);
+  t.regex(r.out, /^QEMU never started migrating \(refused before\): nothing on the source was touched$/m);
+  t.regex(r.out, /^source devices: none \(the domain has no VFIO hostdevs\)$/m);
+  t.is(stateOn(a, 'vm-mig-clash'), 'running');
+  t.is(stateOn(b, 'vm-mig-clash'), 'shutoff', "B's own definition untouched");
+  other.undefine();
+  d.destroy();
+  d.undefine();
+});
+
+stest('a domain that is not running is not migrated (exit 3)', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-off'));
+  domains.push(d);
+  const r = await runCli(['migrate', 'vm-mig-off', '--from', hosts.a.uri, '--to', hosts.b.uri]);
+  t.is(r.code, 3);
+  t.regex(r.err, /vm-mig-off is shutoff: migrate moves a running domain/);
+  const none = await runCli(['migrate', 'vm-mig-none', '--from', hosts.a.uri, '--to', hosts.b.uri, '--json']);
+  t.is(none.code, 3);
+  t.is((JSON.parse(none.out) as { verdict: string }).verdict, 'not-started');
+  d.undefine();
+});
+
+stest('enable-events edits the persistent definition: a user alias, migration-events=on; libvirt keeps both; a second run changes nothing', async (t) => {
+  const xml = tinyDomainXml('vm-ev').replace(
+    '<memballoon',
+    "<hostdev mode='subsystem' type='pci' managed='no'><source><address domain='0x0000' bus='0xfe' slot='0x1f' function='0x7'/></source></hostdev>\n    <memballoon",
+  );
+  const d = a.defineDomain(xml);
+  domains.push(d);
+  const r = await runCli(['enable-events', 'vm-ev', '--uri', hosts.a.uri]);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 0, r.err);
+  t.regex(r.out, /ua-hostdev0 0000:fe:1f\.7: migration-events=on/);
+  t.regex(r.out, /takes effect when vm-ev next starts/);
+  const after = DomainXml.parse(d.xml({ inactive: true }));
+  t.is(after.hostdevs()[0]!.alias, 'ua-hostdev0', 'libvirt keeps the user alias in the persistent definition');
+  t.deepEqual(after.qemuDeviceProperties('ua-hostdev0'), [{ name: 'migration-events', type: 'bool', value: 'true' }]);
+  const again = await runCli(['enable-events', 'vm-ev', '--uri', hosts.a.uri]);
+  t.is(again.code, 0);
+  t.regex(again.out, /already has migration-events=on; nothing to change/);
+  const none = await runCli(['enable-events', 'vm-nothing', '--uri', hosts.a.uri]);
+  t.is(none.code, 1);
+  d.undefine();
+});
