@@ -792,7 +792,12 @@ function refineLimit(dom: unknown, decide: (rate: number) => DowntimeDecision, r
   let stopped = false;
   let wake: () => void = () => {};
   const done = (async () => {
-    const c = control(dom);
+    let c: MigrationControl;
+    try {
+      c = control(dom);
+    } catch {
+      return; // no job statistics in this binding: the limit set before the start stands
+    }
     while (!stopped) {
       await new Promise<void>((r) => {
         wake = r;
