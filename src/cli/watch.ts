@@ -1,5 +1,6 @@
 // vfio-mig watch --source-qmp PATH --dest-qmp PATH [--json] [--timeout S] [--settle S]
 //                [--timeline FILE]
+// vfio-mig watch --source-domain NAME --source-uri URI --dest-uri URI [same options]
 //
 // The companion to a QEMU-driven migration: QEMU (>= 8.2) owns the device fds and drives
 // the VFIO state machine; vfio-mig watches. It records QEMU's own events from both ends
@@ -15,28 +16,30 @@
 // the source's devices back to RUNNING).
 //
 // QEMU serves one client per QMP socket: give each QEMU a second -qmp socket for the
-// watch. The libvirt form (--source-domain, through libvirt's monitor events) is not built
-// yet and says so.
+// watch. For a libvirt domain the libvirt form (watch-libvirt.ts) needs no socket: it
+// reads QEMU's events through libvirt's monitor events and QEMU's figures through
+// libvirt's job statistics.
 
 import { writeFileSync } from 'node:fs';
 import { parseArgs, UsageError, type ParsedArgs } from './args.ts';
 import { EXIT, timeoutOption, transportFailure } from './qmp.ts';
 import { QmpClient } from '../qmp/client.ts';
 import type { QmpEvent } from '../qmp/events.ts';
-import { parseTimeline, TIMELINE_FORMAT, TIMELINE_VERSION, type RecordedDevice, type RecordedEvent, type Side, type SideRecord, type WatchRecord } from '../report/timeline.ts';
-import { analyze, verdictExitCode, type Analysis } from '../report/analysis.ts';
-import { formatSummary } from '../report/summary.ts';
+import type { RecordedDevice, RecordedEvent, Side, SideRecord } from '../report/timeline.ts';
+import { verdictExitCode } from '../report/analysis.ts';
+import { DEFAULT_SETTLE_S, DEFAULT_TIMEOUT_S, FINAL, finishWatch, RECORDED, settled, sleep, type WatchResult } from './watch-common.ts';
+
+export type { WatchResult } from './watch-common.ts';
+import { formatSummary, printable } from '../report/summary.ts';
+import { LibvirtError } from '../libvirt/errors.ts';
+import { LibvirtWatchError, watchLibvirt } from './watch-libvirt.ts';
 
 export const usage =
-  'vfio-mig watch --source-qmp PATH --dest-qmp PATH [--json] [--timeout S] [--settle S] [--timeline FILE]';
+  'vfio-mig watch (--source-qmp PATH --dest-qmp PATH | --source-domain NAME --source-uri URI --dest-uri URI) [--json] [--timeout S] [--settle S] [--timeline FILE]';
 
-const DEFAULT_TIMEOUT_S = 600;
-const DEFAULT_SETTLE_S = 10;
 const CONNECT_TIMEOUT_MS = 10_000;
 const COMMAND_TIMEOUT_MS = 5_000;
 const POLL_MS = 50;
-const RECORDED = new Set(['MIGRATION', 'MIGRATION_PASS', 'STOP', 'RESUME', 'VFIO_MIGRATION']);
-const FINAL = new Set(['completed', 'failed', 'cancelled']);
 
 /** Exit code when the ordering rules were broken (0 ok, 1 failed, 2 usage, 3 transport, 4 time limit). */
 export const EXIT_VIOLATED = 5;
@@ -47,19 +50,26 @@ const HELP = [
   'Watches a QEMU-driven migration from both ends and checks it: every device in a P2P state',
   'before any stops (vCPUs already stopped) on the source, every device RUNNING_P2P before',
   'any runs on the destination; prints the phases, the downtime and a verdict.',
-  'Start it before the migration. Each QEMU needs a QMP socket of its own for the watch.',
+  'Start it before the migration and wait for its "watching" line on stderr.',
   '',
-  '  --source-qmp PATH  the source QEMU\'s QMP unix socket',
-  '  --dest-qmp PATH    the destination QEMU\'s QMP unix socket',
-  '  --json             print one JSON object (verdict, status, downtimeMs, devices, ...)',
-  `  --timeout S        give up after S seconds (default ${DEFAULT_TIMEOUT_S})`,
-  `  --settle S         after the final status, wait up to S s for the closing events (default ${DEFAULT_SETTLE_S})`,
-  '  --timeline FILE    write the recorded timeline (JSON) for `vfio-mig report`',
+  'QEMU processes you run yourself: each QEMU needs a QMP socket of its own for the watch.',
+  '  --source-qmp PATH    the source QEMU\'s QMP unix socket',
+  '  --dest-qmp PATH      the destination QEMU\'s QMP unix socket',
   '',
-  'libvirt domains (--source-domain NAME --source-uri URI --dest-uri URI): not yet.',
+  'libvirt domains: QEMU\'s events through libvirt\'s monitor events, QEMU\'s figures',
+  'through libvirt\'s job statistics; nothing is added to or changed in the domain.',
+  '  --source-domain NAME the domain\'s name on the source host',
+  '  --source-uri URI     libvirt on the source host (e.g. qemu:///system)',
+  '  --dest-uri URI       libvirt on the destination host (e.g. qemu+ssh://dst/system)',
+  '',
+  '  --json               print one JSON object (verdict, status, downtimeMs, devices, ...)',
+  `  --timeout S          give up after S seconds (default ${DEFAULT_TIMEOUT_S})`,
+  `  --settle S           after the final status, wait up to S s for the closing events (default ${DEFAULT_SETTLE_S})`,
+  '  --timeline FILE      write the recorded timeline (JSON) for `vfio-mig report`',
   '',
   'exit codes: 0 ok; 1 the migration failed or a device ends up running nowhere;',
-  '            2 usage; 3 transport (no socket, not QMP); 4 time limit; 5 ordering rule broken',
+  '            2 usage; 3 transport (no socket, not QMP; libvirt unreachable, no such',
+  '            domain, domain not running); 4 time limit; 5 ordering rule broken',
   '',
 ].join('\n');
 
@@ -68,6 +78,30 @@ function one(args: ParsedArgs, name: string): string | undefined {
   if (!v) return undefined;
   if (v.length > 1) throw new UsageError(`--${name} given more than once`);
   return v[0];
+}
+
+/**
+ * --source-domain: a libvirt domain name. libvirt itself refuses '/' in names; control
+ * characters are refused here too (they would end up on a terminal and in file names).
+ */
+function domainName(args: ParsedArgs): string {
+  const name = one(args, 'source-domain');
+  if (name === undefined) throw new UsageError('--source-domain NAME is required with --source-uri/--dest-uri');
+  if (name === '') throw new UsageError('--source-domain needs a domain name');
+  if (Buffer.byteLength(name) > 255) throw new UsageError('--source-domain: a domain name is at most 255 bytes');
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f/]/.test(name)) throw new UsageError(`--source-domain: not a domain name (control character or '/'): ${JSON.stringify(name)}`);
+  return name;
+}
+
+/** --source-uri / --dest-uri: a libvirt URI (driver[+transport]://[host][/path][?query]). */
+function libvirtUri(args: ParsedArgs, name: string): string {
+  const uri = one(args, name);
+  if (uri === undefined) throw new UsageError(`--${name} URI is required with --source-domain (e.g. qemu:///system, qemu+ssh://host/system)`);
+  if (uri.length > 4096) throw new UsageError(`--${name}: longer than 4096 characters`);
+  // eslint-disable-next-line no-control-regex
+  if (!/^[A-Za-z][A-Za-z0-9+.-]*:\/\/[^\s\u0000-\u001f\u007f]*$/.test(uri)) throw new UsageError(`--${name}: not a libvirt URI (like qemu:///system or qemu+ssh://host/system): ${JSON.stringify(uri)}`);
+  return uri;
 }
 
 function socketPath(args: ParsedArgs, name: string): string {
@@ -194,43 +228,6 @@ class End {
   }
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-export interface WatchResult {
-  record: WatchRecord;
-  analysis: Analysis;
-  notes: string[];
-  timedOut: boolean;
-}
-
-/** Is every closing event in? (see the header comment) */
-function settled(src: End, dst: End, status: string): boolean {
-  const devStates = (end: End): Map<string, string> => {
-    const m = new Map<string, string>();
-    for (const ev of end.record.events) {
-      if (ev.event === 'VFIO_MIGRATION' && typeof ev.data['device-id'] === 'string' && typeof ev.data['device-state'] === 'string') m.set(ev.data['device-id'], ev.data['device-state']);
-    }
-    return m;
-  };
-  const lastRunstate = (end: End): string | undefined => end.record.events.filter((e) => e.event === 'STOP' || e.event === 'RESUME').at(-1)?.event;
-  const srcStates = devStates(src);
-  // A VM paused when its migration began stays paused on the destination: no RESUME comes.
-  const setupAt = src.record.events.findIndex((e) => e.event === 'MIGRATION' && e.data.status === 'setup');
-  const runstateBefore = src.record.events.slice(0, Math.max(0, setupAt)).filter((e) => e.event === 'STOP' || e.event === 'RESUME').at(-1)?.event;
-  const pausedAtStart = runstateBefore ? runstateBefore === 'STOP' : src.record.initialStatus !== undefined && src.record.initialStatus !== 'running';
-  if (status === 'completed' && pausedAtStart) return !dst.alive || dst.record.migrate?.status === 'completed';
-  if (status === 'completed') {
-    const dstStates = devStates(dst);
-    const dstDone = !dst.alive || (lastRunstate(dst) === 'RESUME' && [...dstStates.values()].every((s) => s === 'running') && dst.record.migrate?.status === 'completed');
-    const srcDone = !src.alive || [...srcStates.values()].every((s) => s === 'stop');
-    return dstDone && srcDone;
-  }
-  // failed or cancelled: the source runs again with its devices.
-  const srcDevicesBack = [...srcStates.values()].every((s) => s === 'running');
-  const srcVmBack = lastRunstate(src) !== 'STOP';
-  return !src.alive || (srcDevicesBack && srcVmBack);
-}
-
 /** Watches one migration between two QMP sockets; resolves with the record and its analysis. */
 export async function watchQmp(opts: { sourcePath: string; destPath: string; timeoutMs: number; settleMs: number; signal?: AbortSignal; onReady?: () => void }): Promise<WatchResult> {
   const started = Date.now();
@@ -303,19 +300,7 @@ export async function watchQmp(opts: { sourcePath: string; destPath: string; tim
   } finally {
     await Promise.all([src.close(), dst.close()]);
   }
-  const record: WatchRecord = {
-    format: TIMELINE_FORMAT,
-    version: TIMELINE_VERSION,
-    origin: 'watch',
-    started: new Date(started).toISOString(),
-    source: src.record,
-    destination: dst.record,
-    ended,
-  };
-  const analysis = analyze(parseTimeline(JSON.parse(JSON.stringify(record))));
-  analysis.notes.unshift(...notes);
-  if (timedOut) analysis.notes.push(`the watch reached its time limit (${Math.round(opts.timeoutMs / 1000)} s)`);
-  return { record, analysis, notes, timedOut };
+  return finishWatch({ started, source: src.record, destination: dst.record, ended, notes, timedOut, timeoutMs: opts.timeoutMs });
 }
 
 export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream = process.stderr): Promise<number> {
@@ -328,13 +313,23 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     return EXIT.OK;
   }
   if (args.positional.length) throw new UsageError(`unexpected argument ${JSON.stringify(args.positional[0])}`);
-  if (args.options.has('source-domain') || args.options.has('source-uri') || args.options.has('dest-uri')) {
-    err.write('vfio-mig watch: watching libvirt domains (--source-domain/--source-uri/--dest-uri) is not implemented yet; give each QEMU a QMP socket of its own and use --source-qmp/--dest-qmp\n');
-    return EXIT.USAGE;
+  const libvirtForm = args.options.has('source-domain') || args.options.has('source-uri') || args.options.has('dest-uri');
+  if (libvirtForm && (args.options.has('source-qmp') || args.options.has('dest-qmp'))) {
+    throw new UsageError('give either the QMP sockets (--source-qmp/--dest-qmp) or the libvirt domain (--source-domain/--source-uri/--dest-uri), not both');
   }
-  const sourcePath = socketPath(args, 'source-qmp');
-  const destPath = socketPath(args, 'dest-qmp');
-  if (sourcePath === destPath) throw new UsageError('--source-qmp and --dest-qmp name the same socket');
+  let target: { kind: 'qmp'; sourcePath: string; destPath: string } | { kind: 'libvirt'; domain: string; sourceUri: string; destUri: string };
+  if (libvirtForm) {
+    const domain = domainName(args);
+    const sourceUri = libvirtUri(args, 'source-uri');
+    const destUri = libvirtUri(args, 'dest-uri');
+    if (sourceUri === destUri) throw new UsageError('--source-uri and --dest-uri name the same libvirt: a migration needs two hosts');
+    target = { kind: 'libvirt', domain, sourceUri, destUri };
+  } else {
+    const sourcePath = socketPath(args, 'source-qmp');
+    const destPath = socketPath(args, 'dest-qmp');
+    if (sourcePath === destPath) throw new UsageError('--source-qmp and --dest-qmp name the same socket');
+    target = { kind: 'qmp', sourcePath, destPath };
+  }
   const timeoutMs = timeoutOption(args, DEFAULT_TIMEOUT_S * 1000)!;
   const settleRaw = one(args, 'settle');
   const settleS = settleRaw === undefined ? DEFAULT_SETTLE_S : /^\d+(\.\d+)?$/.test(settleRaw) ? Number(settleRaw) : NaN;
@@ -348,9 +343,25 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   let result: WatchResult;
   try {
     // One line once both ends are connected and surveyed: a script can start the migration then.
-    const onReady = (): void => void err.write(`vfio-mig watch: watching ${sourcePath} -> ${destPath}\n`);
-    result = await watchQmp({ sourcePath, destPath, timeoutMs, settleMs: Math.round(settleS * 1000), signal: ac.signal, onReady });
+    const settleMs = Math.round(settleS * 1000);
+    if (target.kind === 'qmp') {
+      const { sourcePath, destPath } = target;
+      const onReady = (): void => void err.write(`vfio-mig watch: watching ${sourcePath} -> ${destPath}\n`);
+      result = await watchQmp({ sourcePath, destPath, timeoutMs, settleMs, signal: ac.signal, onReady });
+    } else {
+      const { domain, sourceUri, destUri } = target;
+      const onReady = (): void => void err.write(`vfio-mig watch: watching domain ${printable(domain)}: ${printable(sourceUri)} -> ${printable(destUri)}\n`);
+      result = await watchLibvirt({ domain, sourceUri, destUri, timeoutMs, settleMs, signal: ac.signal, onReady });
+    }
   } catch (e) {
+    if (target.kind === 'libvirt') {
+      // Cannot start: libvirt unreachable, no such domain, not running - like a missing socket.
+      if (e instanceof LibvirtWatchError || e instanceof LibvirtError) {
+        err.write(`vfio-mig watch: ${printable(e.message)}\n`);
+        return EXIT.TRANSPORT;
+      }
+      throw e;
+    }
     const f = transportFailure(e);
     err.write(`vfio-mig watch: ${f.message}\n`);
     return f.code;

@@ -9,11 +9,15 @@
 //   connection.ts      Connection: open/close, versions, domains, node devices, events
 //   domain.ts          Domain: state, XML, life cycle, QMP pass-through, migration
 //   migrate-params.ts  MigrateFlag and the typed migration parameters
+//   typed-params.ts    decoding the virTypedParameter arrays libvirt returns
+//   job-stats.ts       job statistics (virDomainGetJobStats), also in query-migrate terms
 //
 // Importers use this file; the modules behind it may move.
 
 export { ErrorCode, LibvirtError } from './errors.ts';
 export { Connection, ListDomainsFlag, ListNodeDevicesFlag, type NodeDevice, type OpenOptions } from './connection.ts';
-export { Domain, DomainState, DomainXmlFlag, type DomainStateInfo, type DomainStateName } from './domain.ts';
+export { Domain, DomainState, DomainXmlFlag, type DomainStateInfo, type DomainStateName, type JobInfo } from './domain.ts';
+export { JobOperation, JobStatsFlag, JobType, asQueryMigrate, jobActive, parseJobStats, type JobStats } from './job-stats.ts';
+export { decodeTypedParams, TypedParamType, type TypedParamValue } from './typed-params.ts';
 export { QemuMonitorEvents, type DomainQmpEvent, type MonitorEventOptions } from './monitor-events.ts';
 export { MigrateFlag, typedParams, type MigrateParams } from './migrate-params.ts';

@@ -112,6 +112,26 @@ export class Connection {
     return new Domain(this, BigInt(p));
   }
 
+  /** The domain named `name`, or undefined when this host has none (yet). */
+  findDomain(name: string): Domain | undefined {
+    try {
+      return this.lookupDomain(name);
+    } catch (err) {
+      if (err instanceof LibvirtError && err.code === ErrorCode.NO_DOMAIN) return undefined;
+      throw err;
+    }
+  }
+
+  /** The domain with this UUID, or undefined when this host has none (yet), e.g. an incoming migration not yet prepared. */
+  findDomainByUuid(uuid: string): Domain | undefined {
+    try {
+      return this.lookupDomainByUuid(uuid);
+    } catch (err) {
+      if (err instanceof LibvirtError && err.code === ErrorCode.NO_DOMAIN) return undefined;
+      throw err;
+    }
+  }
+
   /** Defines (or redefines) a persistent domain from XML. */
   defineDomain(xml: string): Domain {
     checkString('domain XML', xml, 16 * 1024 * 1024);

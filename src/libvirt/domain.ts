@@ -4,11 +4,13 @@
 
 import { QmpProtocolError, qmpErrorFrom } from '../qmp/errors.ts';
 import type { ExecuteOptions, QmpExecutor } from '../qmp/commands.ts';
-import { libvirtIfLoaded, readPtr, takeCString, type Ptr } from './ffi.ts';
+import { copyNative, libvirtIfLoaded, peekCString, readPtr, takeCString, type Ptr } from './ffi.ts';
 import { callAsync, checkString, isNeg, lib, quiet, sync } from './calls.ts';
 import { ErrorCode, LibvirtError } from './errors.ts';
 import { typedParams, type MigrateParams } from './migrate-params.ts';
 import type { Connection } from './connection.ts';
+import { decodeTypedParams, TYPED_PARAM_SIZE, type TypedParamValue } from './typed-params.ts';
+import { JobStatsFlag, jobTypeName, parseJobStats, type JobStats, type JobTypeName } from './job-stats.ts';
 
 /** virDomainState (libvirt-domain.h of libvirt 11.3). */
 export const DomainState = { NOSTATE: 0, RUNNING: 1, BLOCKED: 2, PAUSED: 3, SHUTDOWN: 4, SHUTOFF: 5, CRASHED: 6, PMSUSPENDED: 7 } as const;
@@ -18,6 +20,20 @@ export type DomainStateName = (typeof STATE_NAMES)[number] | 'unknown';
 
 /** virDomainXMLFlags */
 export const DomainXmlFlag = { SECURE: 1, INACTIVE: 2, UPDATE_CPU: 4, MIGRATABLE: 8 } as const;
+
+/** virDomainGetJobInfo's answer (the older, untyped form of the job statistics). */
+export interface JobInfo {
+  typeCode: number;
+  type: JobTypeName;
+  timeElapsedMs: number;
+  timeRemainingMs: number;
+  dataTotal: number;
+  dataProcessed: number;
+  dataRemaining: number;
+  memTotal: number;
+  memProcessed: number;
+  memRemaining: number;
+}
 
 export interface DomainStateInfo {
   state: DomainStateName;
@@ -139,6 +155,66 @@ export class Domain implements QmpExecutor {
     const list = typedParams(params);
     const n = lib();
     await callAsync(`virDomainMigrateToURI3 ${this.label()}${dconnuri ? ` -> ${dconnuri}` : ''}`, n.domainMigrateToURI3, [this.live(), dconnuri ?? null, list.length ? list : null, list.length, flags >>> 0]);
+  }
+
+  /**
+   * virDomainGetJobStats: the running job's statistics, or with `completed` those of the
+   * last finished job (`keepCompleted` leaves them for the next reader; without it libvirt
+   * forgets them once read). Allowed while libvirt migrates the domain (a query job).
+   */
+  jobStats(opts: { completed?: boolean; keepCompleted?: boolean } = {}): JobStats {
+    const flags = (opts.completed ? JobStatsFlag.COMPLETED : 0) | (opts.keepCompleted ? JobStatsFlag.KEEP_COMPLETED : 0);
+    const n = lib();
+    const type = [0];
+    const count = [0];
+    const out = Buffer.alloc(8);
+    sync(`virDomainGetJobStats ${this.label()}`, () => n.domainGetJobStats(this.live(), type, out, count, flags), isNeg);
+    const arr = readPtr(out);
+    const nparams = Math.max(0, count[0]!);
+    let params: Map<string, TypedParamValue>;
+    try {
+      params = arr === 0n ? new Map() : decodeTypedParams(copyNative(arr, nparams * TYPED_PARAM_SIZE), nparams, peekCString);
+    } finally {
+      if (arr !== 0n) quiet(() => n.typedParamsFree(arr, nparams));
+    }
+    return parseJobStats(type[0]!, params);
+  }
+
+  /** virDomainGetJobInfo: the running job's type, time and data counters. */
+  jobInfo(): JobInfo {
+    const n = lib();
+    const info: Record<string, number | bigint> = {};
+    sync(`virDomainGetJobInfo ${this.label()}`, () => n.domainGetJobInfo(this.live(), info), isNeg);
+    const v = (k: string): number => Number(info[k] ?? 0);
+    return {
+      typeCode: v('type'),
+      type: jobTypeName(v('type')),
+      timeElapsedMs: v('timeElapsed'),
+      timeRemainingMs: v('timeRemaining'),
+      dataTotal: v('dataTotal'),
+      dataProcessed: v('dataProcessed'),
+      dataRemaining: v('dataRemaining'),
+      memTotal: v('memTotal'),
+      memProcessed: v('memProcessed'),
+      memRemaining: v('memRemaining'),
+    };
+  }
+
+  /** virDomainAbortJob: cancels the running job (e.g. an outgoing migration). */
+  abortJob(): void {
+    sync(`virDomainAbortJob ${this.label()}`, () => lib().domainAbortJob(this.live()), isNeg);
+  }
+
+  /** virDomainMigrateSetMaxSpeed: the migration bandwidth limit in MiB/s (also before a migration). */
+  migrateSetMaxSpeed(mibPerSecond: number): void {
+    if (!Number.isSafeInteger(mibPerSecond) || mibPerSecond < 0) throw new RangeError('migration bandwidth must be a non-negative integer (MiB/s)');
+    sync(`virDomainMigrateSetMaxSpeed ${this.label()}`, () => lib().domainMigrateSetMaxSpeed(this.live(), mibPerSecond, 0), isNeg);
+  }
+
+  /** virDomainMigrateSetMaxDowntime: the downtime limit (ms) QEMU must meet to switch over. */
+  migrateSetMaxDowntime(ms: number): void {
+    if (!Number.isSafeInteger(ms) || ms <= 0) throw new RangeError('migration downtime limit must be a positive integer (ms)');
+    sync(`virDomainMigrateSetMaxDowntime ${this.label()}`, () => lib().domainMigrateSetMaxDowntime(this.live(), BigInt(ms), 0), isNeg);
   }
 
   /** Frees the libvirt handle now (otherwise it is freed when garbage-collected). */

@@ -31,6 +31,7 @@ interface Koffi {
   register(fn: (...args: never[]) => unknown, type: unknown): unknown;
   decode: ((ptr: Ptr, type: unknown, len?: number) => unknown) & { string(ptr: Ptr): string };
   free(ptr: Ptr): void;
+  view(ptr: Ptr, len: number): ArrayBuffer;
 }
 
 /** The libvirt functions vfio-mig uses (libvirt 11.3 prototypes). */
@@ -55,6 +56,12 @@ export interface Natives {
   domainGetState: KFn;
   domainGetXMLDesc: KFn;
   domainMigrateToURI3: KFn;
+  domainGetJobStats: KFn;
+  domainGetJobInfo: KFn;
+  domainAbortJob: KFn;
+  domainMigrateSetMaxSpeed: KFn;
+  domainMigrateSetMaxDowntime: KFn;
+  typedParamsFree: KFn;
   connectListAllNodeDevices: KFn;
   nodeDeviceLookupByName: KFn;
   nodeDeviceGetName: KFn;
@@ -120,6 +127,10 @@ export function libvirt(): Natives {
   });
   k.union('virTypedParameterValue', { i: 'int', ui: 'uint', l: 'int64_t', ul: 'uint64_t', d: 'double', b: 'char', s: 'const char *' });
   k.struct('virTypedParameter', { field: k.array('char', 80), type: 'int', value: 'virTypedParameterValue' });
+  k.struct('virDomainJobInfo', {
+    type: 'int', timeElapsed: 'uint64_t', timeRemaining: 'uint64_t', dataTotal: 'uint64_t', dataProcessed: 'uint64_t', dataRemaining: 'uint64_t',
+    memTotal: 'uint64_t', memProcessed: 'uint64_t', memRemaining: 'uint64_t', fileTotal: 'uint64_t', fileProcessed: 'uint64_t', fileRemaining: 'uint64_t',
+  });
   // Strings libvirt allocates and the caller frees: koffi frees them after conversion.
   k.disposable('virHeapString', 'str');
   const errorFunc = k.proto('void virErrorFunc(void *userData, virError *error)');
@@ -147,6 +158,13 @@ export function libvirt(): Natives {
     domainGetState: lib.func('int virDomainGetState(virDomain *dom, _Out_ int *state, _Out_ int *reason, unsigned int flags)'),
     domainGetXMLDesc: lib.func('virHeapString virDomainGetXMLDesc(virDomain *dom, unsigned int flags)'),
     domainMigrateToURI3: lib.func('int virDomainMigrateToURI3(virDomain *dom, const char *dconnuri, virTypedParameter *params, unsigned int nparams, unsigned int flags)'),
+    // params: out-pointer to an array libvirt allocates (freed with virTypedParamsFree).
+    domainGetJobStats: lib.func('int virDomainGetJobStats(virDomain *dom, _Out_ int *type, void *params, _Out_ int *nparams, unsigned int flags)'),
+    domainGetJobInfo: lib.func('int virDomainGetJobInfo(virDomain *dom, _Out_ virDomainJobInfo *info)'),
+    domainAbortJob: lib.func('int virDomainAbortJob(virDomain *dom)'),
+    domainMigrateSetMaxSpeed: lib.func('int virDomainMigrateSetMaxSpeed(virDomain *dom, unsigned long bandwidth, unsigned int flags)'),
+    domainMigrateSetMaxDowntime: lib.func('int virDomainMigrateSetMaxDowntime(virDomain *dom, unsigned long long downtime, unsigned int flags)'),
+    typedParamsFree: lib.func('void virTypedParamsFree(void *params, int nparams)'),
     connectListAllNodeDevices: lib.func('int virConnectListAllNodeDevices(virConnect *conn, void *devices, unsigned int flags)'),
     nodeDeviceLookupByName: lib.func('virNodeDevice *virNodeDeviceLookupByName(virConnect *conn, const char *name)'),
     nodeDeviceGetName: lib.func('const char *virNodeDeviceGetName(virNodeDevice *dev)'),
@@ -216,6 +234,17 @@ export function takePtrArray(arr: Ptr, count: number): Ptr[] {
   const ptrs = (k.decode(arr, 'void *', count) as Array<Ptr | null>).map((p) => BigInt(p ?? 0));
   k.free(arr);
   return ptrs;
+}
+
+/** A copy of `len` bytes of native memory at `ptr` (e.g. a typed parameter array). */
+export function copyNative(ptr: Ptr, len: number): Buffer {
+  if (len <= 0) return Buffer.alloc(0);
+  return Buffer.from(new Uint8Array(loadedKoffi().view(ptr, len)));
+}
+
+/** Reads a NUL-terminated string libvirt owns (not freed here). */
+export function peekCString(ptr: Ptr): string {
+  return loadedKoffi().decode.string(ptr);
 }
 
 /** The pointer libvirt stored into an out-parameter buffer (8 bytes, little-endian). */

@@ -13,6 +13,8 @@ import type { Connection } from './connection.ts';
 export interface DomainQmpEvent extends QmpEvent {
   /** Name of the domain that sent it. */
   domain: string;
+  /** Its UUID (stays the same across a migration, unlike a name that may change). */
+  uuid?: string;
 }
 
 const subscriptions = new Map<number, (ev: Omit<DomainQmpEvent, 'seq'>) => void>();
@@ -23,6 +25,8 @@ nativeHandlers.monitorEvent = (dom, event, seconds, micros, details, opaque): vo
   if (!deliver || !event) return;
   const n = lib();
   const domain = quiet(() => n.domainGetName(dom) as string | null) ?? '';
+  const uuidBuf = Buffer.alloc(37);
+  const uuid = Number(quiet(() => n.domainGetUUIDString(dom, uuidBuf))) === 0 ? uuidBuf.toString('latin1', 0, 36) : undefined;
   let data: unknown = {};
   if (details) {
     try {
@@ -33,7 +37,7 @@ nativeHandlers.monitorEvent = (dom, event, seconds, micros, details, opaque): vo
   }
   const parsed = parseEventEnvelope({ event, data, timestamp: { seconds: Number(seconds), microseconds: Number(micros) } });
   if (typeof parsed === 'string') return;
-  deliver({ ...parsed, domain });
+  deliver(uuid ? { ...parsed, domain, uuid } : { ...parsed, domain });
 };
 
 /** A live subscription to QEMU monitor events; also an event source with waitFor. */

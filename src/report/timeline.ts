@@ -55,6 +55,12 @@ export interface SideRecord {
   polls?: number;
   /** Why the connection ended early (e.g. the destination QEMU exited after a failed load). */
   closed?: string;
+  /**
+   * libvirt form only: libvirt's own job statistics as libvirt named them (the finished
+   * job's, else the last running one's), kept for bug reports; `migrate` holds the same
+   * figures in query-migrate's names.
+   */
+  libvirtJob?: Record<string, unknown>;
 }
 
 /** What `vfio-mig watch --timeline FILE` writes. */

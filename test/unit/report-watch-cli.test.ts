@@ -180,7 +180,7 @@ test('watch: a migration that never finishes ends at --timeout with exit 4 and a
   t.true(a.notes.some((n) => /time limit/.test(n)));
 });
 
-test('watch usage: both sockets required, the libvirt form says not yet, bad numbers refused', async (t) => {
+test('watch usage: both sockets required, the two forms not mixed, bad numbers refused', async (t) => {
   const run = async (args: string[]): Promise<{ code: number; err: string }> => {
     const err = sink();
     const code = await main(['watch', ...args], sink().stream, err.stream);
@@ -188,9 +188,9 @@ test('watch usage: both sockets required, the libvirt form says not yet, bad num
   };
   t.like(await run(['--source-qmp', '/tmp/a']), { code: 2 });
   t.regex((await run(['--source-qmp', '/tmp/a'])).err, /--dest-qmp PATH is required/);
-  const lv = await run(['--source-domain', 'vm1', '--source-uri', 'qemu:///system', '--dest-uri', 'qemu+ssh://b/system']);
-  t.is(lv.code, 2);
-  t.regex(lv.err, /libvirt domains .* not implemented yet/);
+  const mixed = await run(['--source-domain', 'vm1', '--source-uri', 'qemu:///system', '--dest-uri', 'qemu+ssh://b/system', '--source-qmp', '/tmp/a']);
+  t.is(mixed.code, 2);
+  t.regex(mixed.err, /either the QMP sockets .* or the libvirt domain/);
   t.regex((await run(['--source-qmp', '/tmp/a', '--dest-qmp', '/tmp/a'])).err, /same socket/);
   t.regex((await run(['--source-qmp', '/tmp/a', '--dest-qmp', '/tmp/b', '--settle', 'x'])).err, /--settle must be/);
   const none = await run(['--source-qmp', '/nonexistent/a', '--dest-qmp', '/nonexistent/b', '--timeout', '2']);
