@@ -48,7 +48,7 @@ import { atLeast, parseVersion } from '../compat/preflight/versions.ts';
 export const usage = [
   'vfio-mig migrate <domain> --to <libvirt-uri> [--from URI] [--live] [--json] [--force] [--fix]',
   '                 [--downtime auto|MS] [--link-gbps N] [--timeline FILE] [--report FILE.svg]',
-  '                 [--timeout S] [--migrate-uri URI] [--undefine-source]',
+  '                 [--timeout S] [--bandwidth MIB] [--migrate-uri URI] [--undefine-source]',
 ].join('\n');
 
 export const MIGRATE_SCHEMA = 'vfio-mig/migrate/1';
@@ -110,6 +110,7 @@ Migrates a running domain to another libvirt host, checked before and watched du
   --timeline FILE   where the timeline goes (default $VFIO_MIG_STATE_DIR/migrations/<domain>-<time>.json)
   --report FILE     where the SVG goes (default: the timeline's name with .svg)
   --timeout S       abort the migration after S seconds (default ${DEFAULT_TIMEOUT_S}); the domain stays on the source
+  --bandwidth MIB   cap the migration stream at MIB MiB/s (VIR_MIGRATE_PARAM_BANDWIDTH)
   --migrate-uri URI where QEMU's stream goes (VIR_MIGRATE_PARAM_URI), e.g. tcp://10.0.0.2
   --undefine-source undefine the domain on the source once it runs on the destination
 
@@ -141,6 +142,8 @@ export interface MigrateOptions {
   report: string | undefined;
   timeoutMs: number;
   migrateUri: string | undefined;
+  /** MiB/s cap on the stream, when given. */
+  bandwidthMiB: number | undefined;
   undefineSource: boolean;
 }
 
@@ -153,7 +156,7 @@ function positive(name: string, raw: string, max: number, integer = false): numb
 export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): MigrateOptions | 'help' {
   const args = parseArgs(argv, {
     flags: ['help', 'live', 'json', 'force', 'fix', 'undefine-source'],
-    options: ['to', 'from', 'downtime', 'link-gbps', 'timeline', 'report', 'timeout', 'migrate-uri'],
+    options: ['to', 'from', 'downtime', 'link-gbps', 'timeline', 'report', 'timeout', 'migrate-uri', 'bandwidth'],
   });
   if (args.flags.has('help')) return 'help';
   const one = (name: string): string | undefined => {
@@ -178,6 +181,7 @@ export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = proces
   if (report !== undefined && !report.endsWith('.svg')) throw new UsageError(`--report names an SVG file (FILE.svg), got ${JSON.stringify(report)}`);
   if (timeline !== undefined && report !== undefined && timeline === report) throw new UsageError('--timeline and --report name the same file');
   const migrateUri = one('migrate-uri');
+  const bw = one('bandwidth');
   if (migrateUri !== undefined && !/^[a-z][a-z0-9+.-]*:\/\/\S+$/i.test(migrateUri)) throw new UsageError(`--migrate-uri must be a URI like tcp://HOST[:PORT], got ${JSON.stringify(migrateUri)}`);
   return {
     domain,
@@ -194,6 +198,7 @@ export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = proces
     report,
     timeoutMs: (timeout === undefined ? DEFAULT_TIMEOUT_S : positive('timeout', timeout, 7 * 86400)) * 1000,
     migrateUri,
+    bandwidthMiB: bw === undefined ? undefined : positive('bandwidth', bw, 1 << 30, true),
     undefineSource: args.flags.has('undefine-source'),
   };
 }
@@ -345,7 +350,7 @@ export function outcomeLines(o: Outcome, ctx: { domain: string; hostdevs?: numbe
     lines.push(`verdict: ${verdict} - ${why}; ${ctx.domain} ${o.sourceState ? `is ${o.sourceState} on the source` : 'is not on the source any more'}${o.destinationState ? `, and ${o.destinationState} on the destination` : ''}`);
     if (o.libvirtError) lines.push(`libvirt: ${o.libvirtError}`);
     // No phase at all: QEMU never began (libvirt or the destination refused first).
-    const neverBegan = a !== undefined && a.phases.length === 0 && !a.devices.some((d) => d.source.length > 1);
+    const neverBegan = a !== undefined && a.phases.length === 0 && a.qemu.totalTimeMs === undefined && !a.devices.some((d) => d.source.length > 1);
     if (neverBegan) lines.push("QEMU never started migrating (refused before): nothing on the source was touched");
     else if (a?.failure) lines.push(`failed in phase ${a.failure.phase}${a.failure.devices.length ? `, device ${a.failure.devices.join(', ')}` : ''}: ${a.failure.detail}`);
     if (a?.qemu.errorDesc) lines.push(`QEMU reported: ${a.qemu.errorDesc}`);
@@ -668,7 +673,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     };
     const onSigint = (): void => abort('interrupted');
     process.once('SIGINT', onSigint);
-    const migrateP = dom.migrateToUri3(o.to, { destXml: liveEdit.xml, ...(persistXml ? { persistXml } : {}), ...(o.migrateUri ? { uri: o.migrateUri } : {}) }, flags);
+    const migrateP = dom.migrateToUri3(o.to, { destXml: liveEdit.xml, ...(persistXml ? { persistXml } : {}), ...(o.migrateUri ? { uri: o.migrateUri } : {}), ...(o.bandwidthMiB !== undefined ? { bandwidth: o.bandwidthMiB } : {}) }, flags);
     timer = setTimeout(() => abort('timeout'), o.timeoutMs);
     // With --downtime auto: once QEMU has measured the throughput, recompute with it.
     const refine = autoLimit ? refineLimit(dom, (rate) => downtimeAuto(autoInput(plan.ramInLimit, rate, 'measured', limitMs)), (d) => {

@@ -167,6 +167,23 @@ stest('a destination refusal (a different domain of that name on B): verdict fai
   d.undefine();
 });
 
+stest('--timeout aborts a migration still running (exit 4, verdict timeout): the domain keeps running on A, nothing on B', async (t) => {
+  // 1 GiB of guest RAM through a 1 MiB/s stream takes seconds even as zero pages: the 1 s limit comes first.
+  const d = a.defineDomain(tinyDomainXml('vm-mig-slow').replace("<memory unit='MiB'>64</memory>", "<memory unit='MiB'>1024</memory>"));
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-slow', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--bandwidth', '1', '--timeout', '1']);
+  t.log(`\n${r.out}${r.err}`);
+  t.is(r.code, 4, r.err);
+  t.regex(r.out, /^verdict: timeout - the time limit was reached and the migration aborted; vm-mig-slow is running on the source/m);
+  t.regex(r.out, /^libvirt: .*(cancel|abort)/im);
+  t.notRegex(r.out, /QEMU never started migrating/, 'QEMU had begun: the abort stopped it');
+  t.is(stateOn(a, 'vm-mig-slow'), 'running');
+  t.is(stateOn(b, 'vm-mig-slow'), undefined);
+  d.destroy();
+  d.undefine();
+});
+
 stest('a domain that is not running is not migrated (exit 3)', async (t) => {
   const d = a.defineDomain(tinyDomainXml('vm-mig-off'));
   domains.push(d);

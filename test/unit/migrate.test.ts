@@ -37,8 +37,8 @@ test('arguments: defaults', (t) => {
 });
 
 test('arguments: every option read', (t) => {
-  const o = parse(['vm1', '--to', 'qemu+ssh://dst/system', '--from', 'qemu:///system', '--live', '--json', '--force', '--fix', '--downtime', '450', '--link-gbps', '25', '--timeline', '/tmp/t.json', '--report', '/tmp/r.svg', '--timeout', '90', '--migrate-uri', 'tcp://10.0.0.2', '--undefine-source']);
-  t.like(o, { live: true, json: true, force: true, fix: true, downtime: 450, linkAssumed: false, timeline: '/tmp/t.json', report: '/tmp/r.svg', timeoutMs: 90_000, migrateUri: 'tcp://10.0.0.2', undefineSource: true });
+  const o = parse(['vm1', '--to', 'qemu+ssh://dst/system', '--from', 'qemu:///system', '--live', '--json', '--force', '--fix', '--downtime', '450', '--link-gbps', '25', '--timeline', '/tmp/t.json', '--report', '/tmp/r.svg', '--timeout', '90', '--migrate-uri', 'tcp://10.0.0.2', '--bandwidth', '100', '--undefine-source']);
+  t.like(o, { live: true, json: true, force: true, fix: true, downtime: 450, linkAssumed: false, timeline: '/tmp/t.json', report: '/tmp/r.svg', timeoutMs: 90_000, migrateUri: 'tcp://10.0.0.2', bandwidthMiB: 100, undefineSource: true });
   t.is(o.linkBytesPerSec, 25e9 / 8);
   t.is(parse(['vm1', '--to', 'x://y', '--downtime', 'auto']).downtime, 'auto');
 });
@@ -58,6 +58,7 @@ test('arguments: refused with a reason', (t) => {
     [['vm1', '--to', 'x://y', '--report', 'out.png'], /SVG file/],
     [['vm1', '--to', 'x://y', '--timeline', 'a.svg', '--report', 'a.svg'], /same file/],
     [['vm1', '--to', 'x://y', '--migrate-uri', '10.0.0.2'], /--migrate-uri must be a URI/],
+    [['vm1', '--to', 'x://y', '--bandwidth', '1.5'], /--bandwidth must be an integer/],
     [['vm1', '--to', 'x://y', '--to', 'z://w'], /--to given more than once/],
     [['vm1', '--to', 'x://y', '--postcopy'], /unknown option --postcopy/],
     [['vm1', '--to', 'x://y', '--live=yes'], /--live takes no value/],
@@ -355,4 +356,8 @@ test('verdict: refused before QEMU began (no phase): said instead of a phase "un
   const lines = outcomeLines({ migrated: false, libvirtError: "operation failed: domain 'vm1' already exists with uuid ...", watch: watched(a), sourceState: 'running' }, { domain: 'vm1', hostdevs: 0 });
   t.true(lines.includes('QEMU never started migrating (refused before): nothing on the source was touched'));
   t.false(lines.some((l) => l.startsWith('failed in phase')));
+  // QEMU had run (its total time is known) though no phase was recorded: the phase line stays.
+  const begun = analysis({ verdict: 'failed', status: 'failed', devices: [], phases: [], qemu: { totalTimeMs: 1679 }, failure: { phase: 'setup', devices: [], detail: 'the migration failed in the setup phase' } });
+  const l2 = outcomeLines({ migrated: false, aborted: 'timeout', watch: watched(begun), sourceState: 'running' }, { domain: 'vm1', hostdevs: 0 });
+  t.true(l2.includes('failed in phase setup: the migration failed in the setup phase'));
 });
