@@ -7,7 +7,7 @@
 // events are real.
 import test from 'ava';
 import { PassThrough } from 'node:stream';
-import { readFileSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Connection, Domain, ErrorCode, LibvirtError, MigrateFlag } from '../../src/libvirt/binding.ts';
@@ -27,7 +27,16 @@ if (why) {
   test('libvirt watch suite prerequisites', (t) => t.fail(`LIBVIRT SUITE CANNOT RUN: ${why}`));
 } else {
   test.before(async () => {
-    hosts = await startHosts();
+    // B's qemu hook refuses incoming migrations of domains named *refuse* (libvirt runs it
+    // with "<name> migrate begin -" while preparing the destination; a non-zero exit aborts).
+    hosts = await startHosts({
+      beforeStart: (dir, name) => {
+        if (name !== 'B') return;
+        mkdirSync(join(dir, 'etc', 'hooks'), { recursive: true });
+        writeFileSync(join(dir, 'etc', 'hooks', 'qemu'), '#!/bin/sh\ncat >/dev/null\ncase "$1:$2" in *refuse*:migrate) echo "test host B refuses $1" >&2; exit 1;; esac\nexit 0\n');
+        chmodSync(join(dir, 'etc', 'hooks', 'qemu'), 0o755);
+      },
+    });
     a = Connection.open(hosts.a.uri, { events: true });
     b = Connection.open(hosts.b.uri);
   });
@@ -152,6 +161,27 @@ stest('a migration cancelled while iterating (virDomainAbortJob): the CLI says f
   rout.on('data', (c) => (r += c));
   t.is(await main(['report', timeline], rout, new PassThrough()), 1);
   t.regex(r, /^verdict: failed - the migration cancelled in the iteration/);
+  d.destroy();
+  d.undefine();
+});
+
+stest("the destination refuses the domain (its migrate hook fails): failed in setup, QEMU never started, the domain runs on A", async (t) => {
+  const d = start('vm-watch-refuse');
+  let ready!: () => void;
+  const isReady = new Promise<void>((r) => (ready = r));
+  const watching = watchLibvirt({ domain: 'vm-watch-refuse', sourceUri: hosts.a.uri, destUri: hosts.b.uri, timeoutMs: 60_000, settleMs: 5_000, onReady: ready });
+  await isReady;
+  const e = await t.throwsAsync(migrate(d), { instanceOf: LibvirtError });
+  t.is(e!.code, ErrorCode.HOOK_SCRIPT_FAILED);
+  const { record, analysis, timedOut } = await watching;
+  t.log(`verdict ${analysis.verdict}: ${analysis.reason}; notes: ${analysis.notes.join(' | ')}`);
+  t.false(timedOut, 'the short job libvirt held (tens of ms) was seen');
+  t.is(analysis.verdict, 'failed');
+  t.is(analysis.status, 'failed');
+  t.is(analysis.failure?.phase, 'setup');
+  t.true(analysis.notes.some((n) => /before QEMU reported a final status \(QEMU never started migrating\)/.test(n)));
+  t.deepEqual(record.source.events.filter((x) => x.event === 'MIGRATION'), [], 'QEMU never migrated');
+  t.is(d.state().state, 'running');
   d.destroy();
   d.undefine();
 });
