@@ -42,7 +42,8 @@ import type { HostFacts } from '../compat/preflight/facts.ts';
 import type { Answer } from '../compat/preflight/qmp-facts.ts';
 import type { Analysis } from '../report/analysis.ts';
 import type { WatchRecord } from '../report/timeline.ts';
-import type { WatchResult } from './watch.ts';
+import type { WatchResult } from './watch-common.ts';
+import type { LibvirtWatchOptions } from './watch-libvirt.ts';
 import { atLeast, parseVersion } from '../compat/preflight/versions.ts';
 
 export const usage = [
@@ -349,9 +350,9 @@ export function outcomeLines(o: Outcome, ctx: { domain: string; hostdevs?: numbe
     const why = o.aborted === 'timeout' ? 'the time limit was reached and the migration aborted' : o.aborted === 'interrupted' ? 'interrupted; the migration aborted' : 'the migration failed';
     lines.push(`verdict: ${verdict} - ${why}; ${ctx.domain} ${o.sourceState ? `is ${o.sourceState} on the source` : 'is not on the source any more'}${o.destinationState ? `, and ${o.destinationState} on the destination` : ''}`);
     if (o.libvirtError) lines.push(`libvirt: ${o.libvirtError}`);
-    // No phase at all: QEMU never began (libvirt or the destination refused first).
-    const neverBegan = a !== undefined && a.phases.length === 0 && a.qemu.totalTimeMs === undefined && !a.devices.some((d) => d.source.length > 1);
-    if (neverBegan) lines.push("QEMU never started migrating (refused before): nothing on the source was touched");
+    // No phase, no RAM sent, no device moved: QEMU had not begun (libvirt or the destination refused first, or the abort came first).
+    const neverBegan = a !== undefined && a.phases.length === 0 && !((a.qemu.ramTransferred ?? 0) > 0) && !a.devices.some((d) => d.source.length > 1);
+    if (neverBegan) lines.push('QEMU had not started migrating: nothing on the source was touched');
     else if (a?.failure) lines.push(`failed in phase ${a.failure.phase}${a.failure.devices.length ? `, device ${a.failure.devices.join(', ')}` : ''}: ${a.failure.detail}`);
     if (a?.qemu.errorDesc) lines.push(`QEMU reported: ${a.qemu.errorDesc}`);
     if (ctx.hostdevs === 0) lines.push('source devices: none (the domain has no VFIO hostdevs)');
@@ -373,16 +374,6 @@ export function outcomeLines(o: Outcome, ctx: { domain: string; hostdevs?: numbe
 }
 
 // --- dependencies (the seams tests replace) ------------------------------------------------
-
-export interface LibvirtWatchOptions {
-  domain: string;
-  sourceUri: string;
-  destUri: string;
-  timeoutMs: number;
-  settleMs: number;
-  signal?: AbortSignal;
-  onReady?: () => void;
-}
 
 export interface MigrateDeps {
   preflight: PreflightDeps;
@@ -412,16 +403,10 @@ async function defaultDeps(timeoutMs: number): Promise<MigrateDeps> {
   };
 }
 
-/** The libvirt watch (src/cli/watch-libvirt.ts), when this build has it. */
+/** The libvirt watch (src/cli/watch-libvirt.ts). */
 async function loadWatch(): Promise<MigrateDeps['watch']> {
-  // Named through a variable: the module is another piece of work and may not exist in this tree yet.
-  const spec = './watch-libvirt.ts';
-  try {
-    const m = (await import(spec)) as { watchLibvirt?: (o: LibvirtWatchOptions) => Promise<WatchResult> };
-    return m.watchLibvirt;
-  } catch {
-    return undefined;
-  }
+  const { watchLibvirt } = await import('./watch-libvirt.ts');
+  return watchLibvirt;
 }
 
 // --- the command -------------------------------------------------------------------------
@@ -491,7 +476,6 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
 
   const { Connection, ListDomainsFlag, MigrateFlag } = await import('../libvirt/binding.ts');
   type Conn = import('../libvirt/binding.ts').Connection;
-  type Dom = import('../libvirt/binding.ts').Domain;
   let src: Conn;
   try {
     src = Connection.open(o.from);
@@ -766,43 +750,24 @@ async function currentLimit(dom: import('../libvirt/binding.ts').Domain, fromPre
   return QEMU_DEFAULT_LIMIT_MS;
 }
 
-/** The parts of the libvirt binding's Domain used here that another piece of work adds (job statistics, abort, downtime). */
-interface MigrationControl {
-  migrateSetMaxDowntime(ms: number): void;
-  abortJob(): void;
-  jobStats(opts?: { completed?: boolean }): { memoryBps?: number };
+type Dom = import('../libvirt/binding.ts').Domain;
+
+function setMaxDowntime(dom: Dom, ms: number): void {
+  dom.migrateSetMaxDowntime(ms);
 }
 
-function control(dom: unknown): MigrationControl {
-  const c = dom as Partial<MigrationControl>;
-  if (typeof c.migrateSetMaxDowntime !== 'function' || typeof c.abortJob !== 'function' || typeof c.jobStats !== 'function') {
-    throw new Error('this libvirt binding has no job control (virDomainMigrateSetMaxDowntime, virDomainAbortJob, virDomainGetJobStats): not yet');
-  }
-  return c as MigrationControl;
-}
-
-function setMaxDowntime(dom: unknown, ms: number): void {
-  control(dom).migrateSetMaxDowntime(ms);
-}
-
-function abortJob(dom: unknown): void {
-  control(dom).abortJob();
+function abortJob(dom: Dom): void {
+  dom.abortJob();
 }
 
 /**
  * Polls libvirt's job statistics while the migration runs; once QEMU reports a measured
  * throughput, recomputes the limit with it and raises it if needed (once).
  */
-function refineLimit(dom: unknown, decide: (rate: number) => DowntimeDecision, raised: (d: DowntimeDecision) => void): { stop(): void; done: Promise<void> } {
+function refineLimit(dom: Dom, decide: (rate: number) => DowntimeDecision, raised: (d: DowntimeDecision) => void): { stop(): void; done: Promise<void> } {
   let stopped = false;
   let wake: () => void = () => {};
   const done = (async () => {
-    let c: MigrationControl;
-    try {
-      c = control(dom);
-    } catch {
-      return; // no job statistics in this binding: the limit set before the start stands
-    }
     while (!stopped) {
       await new Promise<void>((r) => {
         wake = r;
@@ -811,7 +776,7 @@ function refineLimit(dom: unknown, decide: (rate: number) => DowntimeDecision, r
       if (stopped) break;
       let bps: number | undefined;
       try {
-        bps = c.jobStats().memoryBps;
+        bps = dom.jobStats().memoryBps;
       } catch {
         continue;
       }
@@ -819,7 +784,7 @@ function refineLimit(dom: unknown, decide: (rate: number) => DowntimeDecision, r
       const d = decide(bps);
       if (d.change) {
         try {
-          c.migrateSetMaxDowntime(d.limitMs);
+          dom.migrateSetMaxDowntime(d.limitMs);
           raised(d);
         } catch {
           // The migration may be over already; the limit then no longer matters.

@@ -351,13 +351,13 @@ test('verdict: watched without device events says migration-events is off; a dom
   t.true(outcomeLines(o, { domain: 'vm1', hostdevs: 0 }).includes('source devices: none (the domain has no VFIO hostdevs)'));
 });
 
-test('verdict: refused before QEMU began (no phase): said instead of a phase "unknown"', (t) => {
+test('verdict: refused before QEMU began (no phase, no RAM sent): said instead of a phase', (t) => {
   const a = analysis({ verdict: 'failed', status: 'unknown', devices: [], phases: [], failure: { phase: 'unknown', devices: [], detail: 'the migration did not finish while watched' } });
   const lines = outcomeLines({ migrated: false, libvirtError: "operation failed: domain 'vm1' already exists with uuid ...", watch: watched(a), sourceState: 'running' }, { domain: 'vm1', hostdevs: 0 });
-  t.true(lines.includes('QEMU never started migrating (refused before): nothing on the source was touched'));
+  t.true(lines.includes('QEMU had not started migrating: nothing on the source was touched'));
   t.false(lines.some((l) => l.startsWith('failed in phase')));
-  // QEMU had run (its total time is known) though no phase was recorded: the phase line stays.
-  const begun = analysis({ verdict: 'failed', status: 'failed', devices: [], phases: [], qemu: { totalTimeMs: 1679 }, failure: { phase: 'setup', devices: [], detail: 'the migration failed in the setup phase' } });
+  // QEMU had sent RAM though no phase was recorded: the phase line stays.
+  const begun = analysis({ verdict: 'failed', status: 'failed', devices: [], phases: [], qemu: { totalTimeMs: 1679, ramTransferred: 4096 }, failure: { phase: 'setup', devices: [], detail: 'the migration failed in the setup phase' } });
   const l2 = outcomeLines({ migrated: false, aborted: 'timeout', watch: watched(begun), sourceState: 'running' }, { domain: 'vm1', hostdevs: 0 });
   t.true(l2.includes('failed in phase setup: the migration failed in the setup phase'));
 });
