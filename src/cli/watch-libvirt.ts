@@ -18,8 +18,9 @@
 //    migration; libvirt keeps none for a cancelled one (libvirt 11.3).
 //  - The VFIO devices are the domain XML's <hostdev>s: each one's alias is QEMU's device
 //    id (hostdevN), the id VFIO_MIGRATION events carry.
-//  - libvirt turns on QEMU's `events` migration capability on both sides for every
-//    migration it runs, so MIGRATION events come without the watch changing anything.
+//  - libvirt turns on QEMU's `events` migration capability when it starts a QEMU (seen
+//    before and during migrations with libvirt 11.3), so MIGRATION events come on both
+//    sides without the watch changing anything.
 //
 // The migration is over when libvirt's job on the source ends, not when QEMU says so:
 // libvirt still has to start the VM on the destination (Finish) and may roll back to the
@@ -162,14 +163,18 @@ class LvSide {
     this.record.events.push(rec);
   }
 
-  /** Adopts the domain: its run state and VFIO devices at this moment. */
-  attach(dom: Domain, notes: string[]): void {
+  /**
+   * Adopts the domain: its run state and VFIO devices at this moment. `startedAs` names the
+   * run state its QEMU started in when that is known better than now (a destination first
+   * looked at after the migration was started for it, `inmigrate`).
+   */
+  attach(dom: Domain, notes: string[], startedAs?: string): void {
     this.domain = dom;
     try {
       const st = dom.state();
       this.alive = st.state !== 'shutoff';
       if (this.surveyedActive) return;
-      this.record.initialStatus = runStateName(st, this.side);
+      this.record.initialStatus = startedAs ?? runStateName(st, this.side);
       this.record.devices = vfioDevicesFromXml(dom.xml(), this.side, notes);
       this.surveyedActive = this.alive;
     } catch (e) {
@@ -260,6 +265,7 @@ export async function watchLibvirt(opts: LibvirtWatchOptions): Promise<WatchResu
     const srcBaseline = src.baseline();
     const existing = dstConn.findDomainByUuid(uuid);
     if (existing) dst.attach(existing, notes);
+    const dstActiveAtStart = dst.alive;
     // Statistics the destination holds now belong to an older job.
     const dstBaseline = dst.baseline();
 
@@ -320,7 +326,9 @@ export async function watchLibvirt(opts: LibvirtWatchOptions): Promise<WatchResu
           const d = dstConn.findDomainByUuid(uuid);
           if (d) {
             dst.domain?.dispose();
-            dst.attach(d, notes);
+            // Its QEMU sent events during the migration, and it was not running before:
+            // libvirt started it for this incoming migration, paused (QEMU's `inmigrate`).
+            dst.attach(d, notes, dst.record.events.length && !dstActiveAtStart ? 'inmigrate' : undefined);
           }
         } else dst.refresh();
         // libvirt removes (or shuts off) the destination's domain after a failed incoming migration.
@@ -371,7 +379,7 @@ export async function watchLibvirt(opts: LibvirtWatchOptions): Promise<WatchResu
     if (status === undefined && !timedOut) notes.push('the migration did not reach a final status');
     // (Only once QEMU had started moving data: a migration libvirt gave up on before has none.)
     if (armed && (lastActive?.memoryTotal ?? 0) > 0 && !src.record.events.some((e) => e.seq > seqAtStart && e.event === 'MIGRATION')) {
-      notes.push('no MIGRATION event came from the source QEMU (libvirt turns the `events` capability on for its migrations): phases come from libvirt\'s job only');
+      notes.push('no MIGRATION event came from the source QEMU (libvirt normally keeps its `events` migration capability on): phases come from libvirt\'s job only');
     }
   } finally {
     src.domain?.dispose();

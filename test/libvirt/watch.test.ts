@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { Connection, Domain, ErrorCode, LibvirtError, MigrateFlag } from '../../src/libvirt/binding.ts';
 import { watchLibvirt } from '../../src/cli/watch-libvirt.ts';
 import { main } from '../../src/cli/main.ts';
+import * as qmp from '../../src/qmp/commands.ts';
 import type { Analysis } from '../../src/report/analysis.ts';
 import { parseTimeline, type RecordedEvent, type WatchRecord } from '../../src/report/timeline.ts';
 import { cannotRun, startHosts, tinyDomainXml, type Hosts } from './hosts.ts';
@@ -96,6 +97,7 @@ stest('a completed migration A -> B: verdict ok, status completed, downtime from
   t.deepEqual(analysis.phases.map((p) => p.name).slice(0, 3), ['setup', 'iteration', 'switchover']);
   t.regex(record.source.endpoint, /^libvirt:qemu\+unix:.*\/vm-watch-ok$/);
   t.is(record.source.initialStatus, 'running');
+  t.is(record.destination.initialStatus, 'inmigrate', 'the destination QEMU was started for the migration, paused');
   t.truthy(record.source.libvirtJob);
   t.is(record.source.libvirtJob!.operation, 5, 'migration-out statistics');
   // The record is what `vfio-mig report` reads: the same verdict from the JSON.
@@ -128,6 +130,7 @@ stest('a migration cancelled while iterating (virDomainAbortJob): the CLI says f
   let early = false;
   await Promise.race([isReady, cli.then(() => void (early = true))]);
   if (early) return t.fail(`watch ended before it was ready: ${e}`);
+  const eventsBefore = (await qmp.queryMigrateCapabilities(d)).find((c) => c.capability === 'events')?.state;
   const events = a.qemuMonitorEvents({ domain: d, event: 'MIGRATION' });
   t.teardown(() => events.close());
   const mark = events.lastSeq;
@@ -138,6 +141,14 @@ stest('a migration cancelled while iterating (virDomainAbortJob): the CLI says f
   const during = d.jobStats();
   t.is(during.type, 'unbounded');
   t.is(during.operation, 'migration-out');
+  t.true((during.memoryTotal ?? 0) > 0, "QEMU's figures, through libvirt");
+  t.is(d.jobInfo().type, 'unbounded');
+  // libvirt 11.3 also answers the QMP pass-through during its migration (the watch does
+  // not use it: it taints the domain). Recorded here so a change in libvirt shows.
+  t.is((await qmp.queryMigrate(d)).status, 'active');
+  // The `events` capability: libvirt turns it on when it starts QEMU (the watch does not touch it).
+  t.true(eventsBefore, 'events capability on before the migration');
+  t.true((await qmp.queryMigrateCapabilities(d)).find((c) => c.capability === 'events')?.state, 'events capability on during the migration');
   d.abortJob();
   const failure = await t.throwsAsync(migration, { instanceOf: LibvirtError });
   t.is(failure!.code, ErrorCode.OPERATION_ABORTED);
