@@ -67,6 +67,8 @@ const SETTLE_MS = 10_000;
 const READY_TIMEOUT_MS = 60_000;
 /** How long the watch may still collect events after libvirt reported a failure. */
 const FAILED_GRACE_MS = 5_000;
+/** How often libvirt's job statistics are read for QEMU's measured throughput. */
+const REFINE_POLL_MS = 250;
 
 const HELP = `usage: ${usage}
 
@@ -437,7 +439,7 @@ interface JsonResult {
   blocking?: Array<{ id: string; subject: string; detail: string; advice: string }>;
   remedies: string[];
   actions: string[];
-  downtime?: { limitMs?: number; derivation?: string; predicted?: PreflightReport['downtime'] };
+  downtime?: { limitMs?: number; derivation?: string; measuredBytesPerSec?: number; predicted?: PreflightReport['downtime'] };
   libvirtError?: string;
   sourceState?: string;
   destinationState?: string;
@@ -660,12 +662,14 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     const migrateP = dom.migrateToUri3(o.to, { destXml: liveEdit.xml, ...(persistXml ? { persistXml } : {}), ...(o.migrateUri ? { uri: o.migrateUri } : {}), ...(o.bandwidthMiB !== undefined ? { bandwidth: o.bandwidthMiB } : {}) }, flags);
     timer = setTimeout(() => abort('timeout'), o.timeoutMs);
     // With --downtime auto: once QEMU has measured the throughput, recompute with it.
-    const refine = autoLimit ? refineLimit(dom, (rate) => downtimeAuto(autoInput(plan.ramInLimit, rate, 'measured', limitMs)), (d) => {
-      limitMs = d.limitMs;
-      result.downtime = { ...result.downtime, limitMs, derivation: d.derivation };
-      result.actions.push(`downtime limit ${d.limitMs} ms (measured rate)`);
-      say(`downtime limit: ${d.limitMs} ms (${d.derivation})`);
-    }) : undefined;
+    const refine = autoLimit
+      ? refineLimit(dom, (rate) => downtimeAuto(autoInput(plan.ramInLimit, rate, 'measured', limitMs)), (d, rate) => {
+          limitMs = d.limitMs;
+          result.downtime = { ...result.downtime, limitMs, derivation: d.derivation, measuredBytesPerSec: rate };
+          if (d.change) result.actions.push(`downtime limit ${d.limitMs} ms (measured rate)`);
+          say(`downtime limit: ${d.limitMs} ms (${d.derivation})`);
+        })
+      : undefined;
     try {
       await migrateP;
       outcome.migrated = true;
@@ -762,16 +766,17 @@ function abortJob(dom: Dom): void {
 
 /**
  * Polls libvirt's job statistics while the migration runs; once QEMU reports a measured
- * throughput, recomputes the limit with it and raises it if needed (once).
+ * throughput, recomputes the limit with it, raises it if needed, and reports the decision
+ * (once).
  */
-function refineLimit(dom: Dom, decide: (rate: number) => DowntimeDecision, raised: (d: DowntimeDecision) => void): { stop(): void; done: Promise<void> } {
+function refineLimit(dom: Dom, decide: (rate: number) => DowntimeDecision, decided: (d: DowntimeDecision, rate: number) => void): { stop(): void; done: Promise<void> } {
   let stopped = false;
   let wake: () => void = () => {};
   const done = (async () => {
     while (!stopped) {
       await new Promise<void>((r) => {
         wake = r;
-        setTimeout(r, 500);
+        setTimeout(r, REFINE_POLL_MS);
       });
       if (stopped) break;
       let bps: number | undefined;
@@ -785,11 +790,11 @@ function refineLimit(dom: Dom, decide: (rate: number) => DowntimeDecision, raise
       if (d.change) {
         try {
           dom.migrateSetMaxDowntime(d.limitMs);
-          raised(d);
         } catch {
-          // The migration may be over already; the limit then no longer matters.
+          return; // The migration may be over already; the limit then no longer matters.
         }
       }
+      decided(d, bps);
       return;
     }
   })();

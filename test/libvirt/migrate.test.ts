@@ -106,6 +106,23 @@ stest('--json: one object, verdict ok; --downtime auto sets the limit and says h
   a.lookupDomain('vm-mig-json').undefine();
 });
 
+stest('--downtime auto recomputes the limit with the throughput QEMU measured during the migration', async (t) => {
+  // 1 GiB at a 1 MiB/s cap: seconds of transfer, long enough for QEMU to report its rate.
+  const d = a.defineDomain(tinyDomainXml('vm-mig-measured').replace("<memory unit='MiB'>64</memory>", "<memory unit='MiB'>1024</memory>"));
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-measured', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--json', '--downtime', 'auto', '--bandwidth', '1', '--timeout', '300']);
+  t.is(r.code, 0, r.err);
+  const j = JSON.parse(r.out) as { verdict: string; downtime: { limitMs: number; derivation: string; measuredBytesPerSec: number } };
+  t.log(j.downtime);
+  t.is(j.verdict, 'ok');
+  t.true(j.downtime.measuredBytesPerSec > 0 && j.downtime.measuredBytesPerSec < 4 * 1048576, 'about the 1 MiB/s cap');
+  t.regex(j.downtime.derivation, /at [\d.]+ MB\/s \(QEMU's measured throughput\) = 0 ms; x1\.25 \+ 50 ms = 50 ms; the limit in force \(300 ms\) covers it: kept$/);
+  b.lookupDomain('vm-mig-measured').destroy();
+  b.lookupDomain('vm-mig-measured').undefine();
+  a.lookupDomain('vm-mig-measured').undefine();
+});
+
 stest('--downtime MS sets the limit through libvirt before the migration starts', async (t) => {
   const d = a.defineDomain(tinyDomainXml('vm-mig-dt'));
   domains.push(d);
