@@ -100,8 +100,18 @@ stest('a completed migration A -> B: verdict ok, status completed, downtime from
   t.is(record.destination.initialStatus, 'inmigrate', 'the destination QEMU was started for the migration, paused');
   t.truthy(record.source.libvirtJob);
   t.is(record.source.libvirtJob!.operation, 5, 'migration-out statistics');
-  // The record is what `vfio-mig report` reads: the same verdict from the JSON.
+  // The record is what `vfio-mig report` reads: the same verdict, and an SVG.
   t.is(parseTimeline(JSON.parse(JSON.stringify(record))).origin, 'watch');
+  const dir = mkdtempSync(join(tmpdir(), 'vfio-mig-lv-watch-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  writeFileSync(join(dir, 'ok.json'), JSON.stringify(record));
+  const rout = new PassThrough();
+  let r = '';
+  rout.on('data', (c) => (r += c));
+  t.is(await main(['report', join(dir, 'ok.json'), '-o', join(dir, 'ok.svg')], rout, new PassThrough()), 0);
+  t.regex(r, /^verdict: ok - the migration completed/);
+  t.regex(r, new RegExp(`QEMU's figure: +${analysis.qemu.downtimeMs} ms`));
+  t.regex(readFileSync(join(dir, 'ok.svg'), 'utf8'), /<svg[^>]*>[\s\S]*destination: vCPUs[\s\S]*<\/svg>\s*$/);
   const onB = b.lookupDomain('vm-watch-ok');
   domains.push(onB);
   t.is(onB.state().state, 'running');
