@@ -439,7 +439,8 @@ interface JsonResult {
   blocking?: Array<{ id: string; subject: string; detail: string; advice: string }>;
   remedies: string[];
   actions: string[];
-  downtime?: { limitMs?: number; derivation?: string; measuredBytesPerSec?: number; predicted?: PreflightReport['downtime'] };
+  /** derivation: before the start; measured: the decision once QEMU measured the throughput. */
+  downtime?: { limitMs?: number; derivation?: string; measured?: { bytesPerSec: number; derivation: string }; predicted?: PreflightReport['downtime'] };
   libvirtError?: string;
   sourceState?: string;
   destinationState?: string;
@@ -485,6 +486,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     return stop(`cannot reach the source's libvirt at ${o.from}: ${(e as Error).message}`);
   }
   let dom: Dom | undefined;
+  let destToClose: Conn | undefined;
   try {
     try {
       dom = src.lookupDomain(o.domain);
@@ -506,6 +508,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       },
     };
     const destConn = answer(() => Connection.open(o.to));
+    if (destConn.ok) destToClose = destConn.value;
     let destQemu: string | undefined;
     const destination = {
       uri: o.to,
@@ -665,7 +668,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     const refine = autoLimit
       ? refineLimit(dom, (rate) => downtimeAuto(autoInput(plan.ramInLimit, rate, 'measured', limitMs)), (d, rate) => {
           limitMs = d.limitMs;
-          result.downtime = { ...result.downtime, limitMs, derivation: d.derivation, measuredBytesPerSec: rate };
+          result.downtime = { ...result.downtime, limitMs, measured: { bytesPerSec: rate, derivation: d.derivation } };
           if (d.change) result.actions.push(`downtime limit ${d.limitMs} ms (measured rate)`);
           say(`downtime limit: ${d.limitMs} ms (${d.derivation})`);
         })
@@ -731,6 +734,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     }
     return finish(v.verdict, v.exitCode);
   } finally {
+    destToClose?.close();
     dom?.dispose();
     src.close();
   }
