@@ -390,7 +390,8 @@ export function setMigrateDeps(deps: MigrateDeps | undefined): void {
   depsOverride = deps;
 }
 
-async function defaultDeps(timeoutMs: number): Promise<MigrateDeps> {
+/** The real dependencies (tests wrap them to replace one part). */
+export async function defaultMigrateDeps(timeoutMs: number): Promise<MigrateDeps> {
   const { compatPort } = await import('../compat/preflight/compat-port.ts');
   const { collectHostFacts } = await import('../compat/preflight/collect.ts');
   const { destinationFacts } = await import('../compat/preflight/peer.ts');
@@ -457,7 +458,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     return EXIT.OK;
   }
   const o = parsed;
-  const deps = depsOverride ?? (await defaultDeps(Math.min(120_000, o.timeoutMs)));
+  const deps = depsOverride ?? (await defaultMigrateDeps(Math.min(120_000, o.timeoutMs)));
   const text: string[] = [];
   const say = (line: string): void => {
     if (o.json) return;

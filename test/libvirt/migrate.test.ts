@@ -11,6 +11,8 @@ import { Connection, type Domain } from '../../src/libvirt/binding.ts';
 import { DomainXml } from '../../src/libvirt/domain-xml.ts';
 import { runCli } from '../cli-harness.ts';
 import { setEnableEventsDeps } from '../../src/cli/enable-events.ts';
+import { defaultMigrateDeps, setMigrateDeps } from '../../src/cli/migrate.ts';
+import type { Analysis } from '../../src/report/analysis.ts';
 import type { FactDevice } from '../../src/compat/preflight/facts.ts';
 import { cannotRun, startHosts, tinyDomainXml, type Hosts } from './hosts.ts';
 
@@ -201,6 +203,47 @@ stest('--timeout aborts a migration still running (exit 4, verdict timeout): the
   t.is(stateOn(b, 'vm-mig-slow'), undefined);
   d.destroy();
   d.undefine();
+});
+
+stest('the watch replaced at its seam: a broken ordering rule gives exit 5 after a real migration; a failed watch leaves libvirt\'s verdict', async (t) => {
+  const real = await defaultMigrateDeps(60_000);
+  const violated = {
+    origin: 'watch', verdict: 'violated', reason: 'hostdev0 stopped before hostdev1 was in P2P (switchover)', status: 'completed', devices: [],
+    violations: [{ rule: 'p2p-before-stop', message: 'hostdev0 stopped before hostdev1 was in P2P', at: 12 }], phases: [], events: { passes: 1 }, qemu: {}, notes: [],
+  } as unknown as Analysis;
+  let sawOptions: { domain: string; sourceUri: string; destUri: string } | undefined;
+  setMigrateDeps({
+    preflight: real.preflight,
+    watch: async (o) => {
+      sawOptions = o;
+      o.onReady?.();
+      return { record: { format: 'vfio-mig/timeline', version: 1, origin: 'watch', started: new Date().toISOString(), source: { events: [], devices: [] }, destination: { events: [], devices: [] }, ended: 'settled' } as never, analysis: violated, notes: [], timedOut: false };
+    },
+  });
+  try {
+    const d = a.defineDomain(tinyDomainXml('vm-mig-seam'));
+    domains.push(d);
+    d.start();
+    const r = await runCli(['migrate', 'vm-mig-seam', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--timeline', join(work, 'seam.json')]);
+    t.log(`\n${r.out}${r.err}`);
+    t.is(r.code, 5, r.err);
+    t.deepEqual(sawOptions && { domain: sawOptions.domain, sourceUri: sawOptions.sourceUri, destUri: sawOptions.destUri }, { domain: 'vm-mig-seam', sourceUri: hosts.a.uri, destUri: hosts.b.uri });
+    t.regex(r.out, /^verdict: violated - vm-mig-seam runs on the destination \(running\); hostdev0 stopped before hostdev1/m);
+    t.is(stateOn(b, 'vm-mig-seam'), 'running');
+    // Back to A with a watch that fails: the migration's own result decides, the failure is said.
+    setMigrateDeps({ preflight: real.preflight, watch: async () => Promise.reject(new Error('monitor events unavailable')) });
+    const back = await runCli(['migrate', 'vm-mig-seam', '--from', hosts.b.uri, '--to', hosts.a.uri, '--live']);
+    t.log(`\n${back.out}${back.err}`);
+    t.is(back.code, 0, back.err);
+    t.regex(back.out, /^verdict: ok - vm-mig-seam runs on the destination \(running\)$/m);
+    t.regex(back.out, /^watch: the watch failed: monitor events unavailable$/m);
+    t.is(stateOn(a, 'vm-mig-seam'), 'running');
+  } finally {
+    setMigrateDeps(undefined);
+  }
+  a.lookupDomain('vm-mig-seam').destroy();
+  a.lookupDomain('vm-mig-seam').undefine();
+  b.lookupDomain('vm-mig-seam').undefine();
 });
 
 stest('a domain that is not running is not migrated (exit 3)', async (t) => {
