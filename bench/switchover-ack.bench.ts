@@ -36,6 +36,10 @@ interface Sample {
   stopToResumeMs: number;
   stopCopyToRunningMs: number;
   vfioBytes: number;
+  /** Device data (MiB) sent after the last poll that saw the migration `active`. */
+  tailMib: number;
+  /** RAM dirty-bitmap syncs of the whole migration (QEMU's ram.dirty-sync-count). */
+  syncs: number;
 }
 
 /** ava's ExecutionContext is only used for teardown by qemu-pair: collect and run them here. */
@@ -102,13 +106,17 @@ async function once(src: string, dst: string, mib: number, ack: boolean): Promis
     await p.dst.qmp.execute('migrate-incoming', { uri: `unix:${p.migSock}` });
     await p.src.qmp.execute('migrate', { uri: `unix:${p.migSock}` });
     let info: MigrationInfo;
+    // Device bytes sent as of the last poll that still saw the VM running (status
+    // `active`): what follows went during the downtime or in the last <= 100 ms before it.
+    let sentWhileRunning = 0;
     const deadline = Date.now() + 20 * 60_000;
     for (;;) {
       info = await queryMigrate(p.src.qmp);
+      if (info.status === 'active') sentWhileRunning = info.vfio?.transferred ?? 0;
       if (info.status === 'completed') break;
       if (info.status === 'failed' || info.status === 'cancelled') throw new Error(`migration ${info.status}: ${info['error-desc'] ?? '?'}`);
       if (Date.now() > deadline) throw new Error(`migration still ${info.status} after 20 min`);
-      await new Promise((r) => setTimeout(r, 200));
+      await new Promise((r) => setTimeout(r, 100));
     }
     await p.dst.qmp.waitFor('RESUME', undefined, 120_000, { since: 0 });
     // The destination device reaches RUNNING after RESUME (running-p2p, then running).
@@ -124,9 +132,11 @@ async function once(src: string, dst: string, mib: number, ack: boolean): Promis
       stopToResumeMs: ms(find(dstEv, 'RESUME')) - ms(find(srcEv, 'STOP')),
       stopCopyToRunningMs: ms(find(dstEv, 'VFIO_MIGRATION', 'running')) - ms(find(srcEv, 'VFIO_MIGRATION', 'stop-copy')),
       vfioBytes: info.vfio?.transferred ?? NaN,
+      tailMib: ((info.vfio?.transferred ?? NaN) - sentWhileRunning) / MIB,
+      syncs: info.ram?.['dirty-sync-count'] ?? NaN,
     };
     console.log(
-      `switchover-ack ${ack ? 'on ' : 'off'} ${mib} MiB: downtime ${sample.downtimeMs} ms (QEMU), STOP->RESUME ${sample.stopToResumeMs.toFixed(0)} ms, stop-copy->running ${sample.stopCopyToRunningMs.toFixed(0)} ms, total ${sample.totalMs} ms, vfio ${sample.vfioBytes} B`,
+      `switchover-ack ${ack ? 'on ' : 'off'} ${mib} MiB: downtime ${sample.downtimeMs} ms (QEMU), STOP->RESUME ${sample.stopToResumeMs.toFixed(0)} ms, stop-copy->running ${sample.stopCopyToRunningMs.toFixed(0)} ms, total ${sample.totalMs} ms, vfio ${sample.vfioBytes} B, of which ${sample.tailMib.toFixed(1)} MiB after the last running poll, ${sample.syncs} RAM syncs`,
     );
     return sample;
   } finally {
@@ -154,10 +164,10 @@ export async function measure(): Promise<string> {
         for (const ack of order) all.push(await once(src, dst, mib, ack));
       }
       const pick = (ack: boolean, k: keyof Sample): number[] => all.filter((x) => x.mib === mib && x.ack === ack).map((x) => x[k] as number);
-      const fmt = (xs: number[]): string => `${median(xs).toFixed(0)} (${xs.map((x) => x.toFixed(0)).join('/')})`;
+      const fmt = (xs: number[], digits = 0): string => `${median(xs).toFixed(digits)} (${xs.map((x) => x.toFixed(digits)).join('/')})`;
       for (const ack of [false, true]) {
         console.log(
-          `switchover-ack ${ack ? 'on ' : 'off'} ${mib} MiB x${REPEATS}: median downtime ${fmt(pick(ack, 'downtimeMs'))} ms, STOP->RESUME ${fmt(pick(ack, 'stopToResumeMs'))} ms, stop-copy->running ${fmt(pick(ack, 'stopCopyToRunningMs'))} ms, total ${fmt(pick(ack, 'totalMs'))} ms ${env}`,
+          `switchover-ack ${ack ? 'on ' : 'off'} ${mib} MiB x${REPEATS}: median downtime ${fmt(pick(ack, 'downtimeMs'))} ms, STOP->RESUME ${fmt(pick(ack, 'stopToResumeMs'))} ms, stop-copy->running ${fmt(pick(ack, 'stopCopyToRunningMs'))} ms, total ${fmt(pick(ack, 'totalMs'))} ms, device MiB after the last running poll ${fmt(pick(ack, 'tailMib'), 1)}, RAM syncs ${fmt(pick(ack, 'syncs'))} ${env}`,
         );
       }
     }
