@@ -170,16 +170,26 @@ interface QueueBudget {
   total: number;
   limit: number;
   waiters: (() => void)[];
+  /** Every device's queue, so a reader that waits on the shared budget can start them all. */
+  queues: DeviceSinkQueue[];
 }
 
 /**
  * Writes one device's chunks to its RESUMING fd in order, in the background. The stream
  * reader waits in push() while this device holds more than `limit` bytes or all devices
  * together more than the shared budget, so memory stays bounded however many devices.
+ *
+ * Writes are batched: each write is a hop to a blocking-call thread and a syscall, and
+ * the stream hands data on as the socket delivers it (64 KiB pieces from Node's sockets
+ * when the receiver keeps up). One write per piece cost more than the data itself in the
+ * TCG rig, so a device's pieces wait until a batch (1 MiB, or the queue limit if smaller)
+ * is queued, the stream pauses for LINGER_MS, the reader has to wait for room, or the
+ * device's data ended (flush).
  */
 class DeviceSinkQueue {
   readonly #fd: DataFd;
   readonly #limit: number;
+  readonly #batch: number;
   readonly #budget: QueueBudget;
   readonly #signal: AbortSignal;
   readonly #onWritten: (n: number) => void;
@@ -187,11 +197,15 @@ class DeviceSinkQueue {
   #head = 0;
   #queued = 0;
   #pump: Promise<void> | undefined;
+  /** Write what is queued even below a batch (flush, linger, a reader waiting for room). */
+  #force = false;
+  #linger: NodeJS.Timeout | undefined;
   error: unknown;
 
   constructor(fd: DataFd, limit: number, budget: QueueBudget, signal: AbortSignal, onWritten: (n: number) => void) {
     this.#fd = fd;
     this.#limit = limit;
+    this.#batch = Math.max(1, Math.min(limit, MIN_WRITE));
     this.#budget = budget;
     this.#signal = signal;
     this.#onWritten = onWritten;
@@ -202,21 +216,36 @@ class DeviceSinkQueue {
     this.#queue.push(chunk);
     this.#queued += chunk.length;
     this.#budget.total += chunk.length;
-    this.#pump ??= this.#run();
-    // Every pump that holds bytes is running, so each wait ends.
+    if (this.#queued >= this.#batch) this.#start(false);
+    else if (!this.#pump && !this.#linger) {
+      this.#linger = setTimeout(() => {
+        this.#linger = undefined;
+        this.#start(true);
+      }, LINGER_MS);
+    }
+    // Above the limit this pump runs (the limit is at least a batch); above the shared
+    // budget every queue is started, so each wait ends.
     while ((this.#queued > this.#limit || this.#budget.total > this.#budget.limit) && this.error === undefined) {
+      if (this.#budget.total > this.#budget.limit) for (const q of this.#budget.queues) q.#start(true);
       await new Promise<void>((r) => this.#budget.waiters.push(r));
     }
     if (this.error !== undefined) throw this.error;
   }
 
+  #start(force: boolean): void {
+    if (force) this.#force = true;
+    // Only when #run will write (and so await): a #run that returned at once would clear
+    // #pump before it is assigned.
+    if (this.error !== undefined || this.#queued === 0 || this.#pump || !(this.#queued >= this.#batch || this.#force)) return;
+    clearTimeout(this.#linger);
+    this.#linger = undefined;
+    this.#pump = this.#run();
+  }
+
   async #run(): Promise<void> {
     try {
-      while (this.#head < this.#queue.length) {
-        // Everything queued so far (up to MAX_WRITE) goes down in one write: the stream
-        // hands pieces on as the socket delivers them (64 KiB each from Node's sockets),
-        // and each write is a hop to a blocking-call thread and a syscall - per 64 KiB
-        // piece that hop cost more than the data itself (measured in the TCG rig).
+      while (this.#head < this.#queue.length && (this.#queued >= this.#batch || this.#force)) {
+        // Everything queued so far (up to MAX_WRITE) goes down in one write.
         const parts: Buffer[] = [];
         let size = 0;
         while (this.#head < this.#queue.length && (size === 0 || size + this.#queue[this.#head]!.length <= MAX_WRITE)) {
@@ -238,8 +267,21 @@ class DeviceSinkQueue {
       }
     } catch (err) {
       this.error = err;
+      // The device failed: what it still holds will never be written; give the budget back.
+      this.#budget.total -= this.#queued;
+      this.#queued = 0;
+      this.#queue = [];
+      this.#head = 0;
     } finally {
       this.#pump = undefined;
+      if (this.#queued === 0) this.#force = false;
+      // A remainder below a batch waits for more, or for the linger time.
+      else if (this.error === undefined && !this.#linger) {
+        this.#linger = setTimeout(() => {
+          this.#linger = undefined;
+          this.#start(true);
+        }, LINGER_MS);
+      }
       this.#wake();
     }
   }
@@ -248,9 +290,15 @@ class DeviceSinkQueue {
     for (const w of this.#budget.waiters.splice(0)) w();
   }
 
-  /** Resolves when everything queued was written; throws the device's write error. */
+  /** Writes everything queued and resolves when it was written; throws the device's write error. */
   async flush(): Promise<void> {
-    while (this.#pump) await this.#pump;
+    this.#start(true);
+    while (this.#pump) {
+      await this.#pump;
+      if (this.error === undefined) this.#start(true);
+    }
+    clearTimeout(this.#linger);
+    this.#linger = undefined;
     if (this.error !== undefined) throw this.error;
   }
 }
@@ -258,6 +306,10 @@ class DeviceSinkQueue {
 const EMPTY = Buffer.alloc(0);
 /** Largest single write to a RESUMING fd when several queued pieces are merged. */
 const MAX_WRITE = 4 << 20;
+/** A device's pieces are written once this much is queued (or its queue limit, if smaller). */
+const MIN_WRITE = 1 << 20;
+/** ...or once the stream paused this long with less queued (pre-copy trickles). */
+const LINGER_MS = 5;
 
 /**
  * Destination: loads a stream into the coordinator's devices. `route` maps each source
@@ -386,8 +438,9 @@ async function loadWatched(destination: Coordinator, src: ByteInput, route: Rout
     incoming.map((d) => ({ device: d.device, ...(d.estimate !== undefined ? { total: d.estimate } : {}) })),
     { ...(opts.onProgress ? { onProgress: opts.onProgress } : {}), ...(opts.progressIntervalMs !== undefined ? { intervalMs: opts.progressIntervalMs } : {}) },
   );
-  const budget: QueueBudget = { total: 0, limit: opts.totalQueueBytes ?? 32 << 20, waiters: [] };
+  const budget: QueueBudget = { total: 0, limit: opts.totalQueueBytes ?? 32 << 20, waiters: [], queues: [] };
   const queues = incoming.map((_, i) => new DeviceSinkQueue(fds.get(targets[i]!)!, opts.queueBytes ?? 8 << 20, budget, stop.signal, (n) => meter.add(i, n)));
+  budget.queues.push(...queues);
   let result: ReceiveResult | undefined;
   try {
     for (;;) {

@@ -202,7 +202,9 @@ test.serial('progress: snapshots on both sides, with the estimates the sender an
   const estimates = new Map(SRC.map((id, i) => [id, SIZES[i]! + 56]));
   const stream = await saveSource({ chunkSize: 1024, estimates, onProgress: (p) => sent.push(p), progressIntervalMs: 0 });
   const got: ProgressSnapshot[] = [];
-  await load([stream], accept, { onProgress: (p) => got.push(p), progressIntervalMs: 0 });
+  // The destination reports bytes as they are written, in batches of 1 MiB or its queue
+  // size if smaller: a small queue gives this 12 KiB stream several snapshots.
+  await load([stream], accept, { onProgress: (p) => got.push(p), progressIntervalMs: 0, queueBytes: 1024 });
   for (const list of [sent, got]) {
     const last = list.at(-1)!;
     t.true(last.done);
