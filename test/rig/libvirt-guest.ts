@@ -262,9 +262,11 @@ export async function startGuestHosts(opts: GuestHostOptions = {}): Promise<Gues
 /**
  * The argv prefix that runs a command as host `h` does: in its network, mount and UTS
  * namespaces (its /run/libvirt, /etc/vfio-mig, host name...), e.g. vfio-mig as installed there.
+ * -r -w: entering a mount namespace resets root and cwd to the namespace's root, which in
+ * the guest is the initramfs, not the overlay root the rig chroots into (exit 127, no node).
  */
 export function onHost(h: GuestHost, argv: string[]): string[] {
-  return ['nsenter', '-t', String(h.pid()), '-n', '-m', '-u', '--', ...argv];
+  return ['nsenter', '-t', String(h.pid()), '-n', '-m', '-u', '-r', '-w', '--', ...argv];
 }
 
 /** vfio-mig as installed on host `h` (its own copy, run by this node). */
