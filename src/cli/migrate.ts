@@ -31,20 +31,28 @@
 //     rules), the downtime predicted and measured, the timeline and its SVG. On failure:
 //     which device, which phase, what QEMU reported, and the state of the source devices
 //     and domain.
+//
+// The parts, one module each: migrate-preflight.ts (step 1: preflight, the traps and their
+// remedies, what stops the migration), migrate-downtime.ts (step 2: the limit's derivation
+// and its refinement from the measured throughput), migrate-output.ts (step 5: the verdict,
+// the text after the summary, the JSON, the files). This module: the arguments, --help,
+// the seams tests replace, and the command that runs the steps in order.
 
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { parseArgs, UsageError } from './args.ts';
-import { DIRTY_TRACKING_FIX, editDefinition, PINNED_FIX, trapFixes, type PropertyEdit } from './enable-events.ts';
-import { formatBytes, type Check, type PreflightReport } from '../compat/preflight/types.ts';
-import type { PreflightDeps, PreflightResult } from '../compat/preflight/run.ts';
-import type { HostFacts } from '../compat/preflight/facts.ts';
-import type { Answer } from '../compat/preflight/qmp-facts.ts';
-import type { Analysis } from '../report/analysis.ts';
-import type { WatchRecord } from '../report/timeline.ts';
+import { editDefinition, trapFixes, type PropertyEdit } from './enable-events.ts';
+import { answer, defaultPreflightDeps } from './preflight.ts';
+import { autoInputs, currentLimit, downtimeAuto, limitBeforeStart, MAX_LIMIT_MS, refineLimit, type DowntimeAutoInput } from './migrate-downtime.ts';
+import { notStartedLine, planTraps, preflightLines, preflightRunning, type MigratePreflight } from './migrate-preflight.ts';
+import { defaultTimelinePath, EXIT, MIGRATE_SCHEMA, outcomeLines, verdictOf, writeTimelineFiles, type MigrateJson, type MigrateVerdict, type Outcome } from './migrate-output.ts';
+import type { PreflightDeps } from '../compat/preflight/run.ts';
 import type { WatchResult } from './watch-common.ts';
 import type { LibvirtWatchOptions } from './watch-libvirt.ts';
 import { atLeast, parseVersion } from '../compat/preflight/versions.ts';
+
+// What tests and other modules import from the command's module.
+export { downtimeAuto, MAX_LIMIT_MS, type DowntimeAutoInput, type DowntimeDecision } from './migrate-downtime.ts';
+export { planTraps, type TrapPlan } from './migrate-preflight.ts';
+export { EXIT, MIGRATE_SCHEMA, outcomeLines, verdictOf, type MigrateJson, type MigrateVerdict, type Outcome } from './migrate-output.ts';
 
 export const usage = [
   'vfio-mig migrate <domain> --to <libvirt-uri> [--from URI] [--live] [--json] [--force] [--fix]',
@@ -52,23 +60,13 @@ export const usage = [
   '                 [--timeout S] [--bandwidth MIB] [--migrate-uri URI] [--undefine-source]',
 ].join('\n');
 
-export const MIGRATE_SCHEMA = 'vfio-mig/migrate/1';
-
-/** Exit codes (also in --help). */
-export const EXIT = { OK: 0, FAILED: 1, USAGE: 2, NOT_STARTED: 3, TIMEOUT: 4, VIOLATED: 5 } as const;
 
 const DEFAULT_TIMEOUT_S = 1800;
 const DEFAULT_LINK_BYTES_PER_SEC = 10e9 / 8;
-/** QEMU's default downtime-limit (ms). */
-const QEMU_DEFAULT_LIMIT_MS = 300;
-/** QEMU's largest downtime-limit (ms): 2000 s. */
-const MAX_LIMIT_MS = 2_000_000;
 const SETTLE_MS = 10_000;
 const READY_TIMEOUT_MS = 60_000;
 /** How long the watch may still collect events after libvirt reported a failure. */
 const FAILED_GRACE_MS = 5_000;
-/** How often libvirt's job statistics are read for QEMU's measured throughput. */
-const REFINE_POLL_MS = 250;
 
 const HELP = `usage: ${usage}
 
@@ -206,175 +204,6 @@ export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = proces
   };
 }
 
-// --- downtime ----------------------------------------------------------------------------
-
-export interface DowntimeAutoInput {
-  /** The devices' stop-copy estimates summed (bytes). */
-  deviceBytes: number;
-  /** Devices without an estimate (counted as 0, said so). */
-  unknownDevices: string[];
-  /** Guest RAM that QEMU must fit in the limit too (all of it with a pinned all-dirty device under avail-switchover-bandwidth), else 0. */
-  ramBytes: number;
-  rateBytesPerSec: number;
-  rateSource: 'measured' | 'given' | 'assumed';
-  /** The limit in force now. */
-  currentLimitMs: number;
-}
-
-export interface DowntimeDecision {
-  limitMs: number;
-  /** True when the limit must be set (it differs from the one in force). */
-  change: boolean;
-  /** How the value was derived, one line. */
-  derivation: string;
-}
-
-/** Margin on the estimate, and a floor for RAM left over and the devices' state transitions. */
-const AUTO_FACTOR = 1.25;
-const AUTO_ROOM_MS = 50;
-
-const rateText = (bps: number): string => (bps >= 1e9 ? `${(bps / 1e9).toFixed(2)} GB/s` : `${(bps / 1e6).toFixed(1)} MB/s`);
-
-/** --downtime auto: the limit the devices' state (and RAM that moves while stopped) needs at this rate. */
-export function downtimeAuto(i: DowntimeAutoInput): DowntimeDecision {
-  if (!(i.rateBytesPerSec > 0)) throw new RangeError('the link rate must be above 0');
-  const bytes = i.deviceBytes + i.ramBytes;
-  const stopCopyMs = (bytes / i.rateBytesPerSec) * 1000;
-  const needed = Math.min(MAX_LIMIT_MS, Math.ceil(stopCopyMs * AUTO_FACTOR + AUTO_ROOM_MS));
-  const parts = [`devices ${formatBytes(i.deviceBytes)} (MIG_DATA_SIZE estimates${i.unknownDevices.length ? `; none for ${i.unknownDevices.join(', ')}` : ''})`];
-  if (i.ramBytes > 0) parts.push(`guest RAM ${formatBytes(i.ramBytes)} (moves while stopped)`);
-  const rate = `${rateText(i.rateBytesPerSec)} ${i.rateSource === 'measured' ? "(QEMU's measured throughput)" : i.rateSource === 'given' ? '(--link-gbps)' : '(assumed 10 Gbit/s; --link-gbps)'}`;
-  const base = `${parts.join(' + ')} at ${rate} = ${Math.round(stopCopyMs * 10) / 10} ms; x${AUTO_FACTOR} + ${AUTO_ROOM_MS} ms = ${needed} ms`;
-  if (needed <= i.currentLimitMs) return { limitMs: i.currentLimitMs, change: false, derivation: `${base}; the limit in force (${i.currentLimitMs} ms) covers it: kept` };
-  return { limitMs: needed, change: true, derivation: `${base}; raised from ${i.currentLimitMs} ms` };
-}
-
-// --- traps and the preflight verdict -----------------------------------------------------
-
-export interface TrapPlan {
-  /** Failed checks nothing here can fix: the migration stops on them unless --force. */
-  blocking: Check[];
-  /** Set avail-switchover-bandwidth (bytes/s) on the running source QEMU. */
-  availSwitchoverBandwidth: number | undefined;
-  /** All guest RAM counts against the limit (pinned device under avail-switchover-bandwidth). */
-  ramInLimit: boolean;
-  /** The limit must be derived (as --downtime auto) because a check asks for it. */
-  needsLimit: boolean;
-  /** What to set, for the operator (without --fix: what --fix would do). */
-  remedies: string[];
-}
-
-/** Decides, from the preflight report, what stops the migration and what --fix/--downtime resolve. */
-export function planTraps(report: PreflightReport, o: Pick<MigrateOptions, 'fix' | 'downtime' | 'linkBytesPerSec' | 'domain'>, downtimeNeededMs?: number): TrapPlan {
-  const failed = report.checks.filter((c) => c.verdict === 'fail');
-  const plan: TrapPlan = { blocking: [], availSwitchoverBandwidth: undefined, ramInLimit: false, needsLimit: false, remedies: [] };
-  const pinned = failed.some((c) => c.id === 'pinned-convergence');
-  const bw = Math.round(o.linkBytesPerSec);
-  // An avail-switchover-bandwidth already in force: QEMU fits all of RAM into the limit too.
-  if (report.checks.some((c) => c.id === 'pinned-convergence' && c.verdict === 'pass' && /avail-switchover-bandwidth/.test(c.detail))) plan.ramInLimit = true;
-  for (const c of failed) {
-    switch (c.id) {
-      case 'dirty-tracking':
-        plan.blocking.push(c);
-        plan.remedies.push(`${c.subject}: needs ${DIRTY_TRACKING_FIX.map((p) => `${p.name}=${p.value}`).join(' and ')}, a device property of the running QEMU: run "vfio-mig enable-events ${o.domain} --fix", shut ${o.domain} down and start it, then migrate`);
-        break;
-      case 'pinned-convergence':
-        if (o.fix) {
-          plan.availSwitchoverBandwidth = bw;
-          plan.ramInLimit = true;
-          plan.needsLimit = true;
-          plan.remedies.push(`pinned devices: avail-switchover-bandwidth=${bw} B/s set on the running QEMU and a downtime limit that holds all guest RAM (--fix); for the next start: vfio-mig enable-events ${o.domain} --fix (${PINNED_FIX.name}=off)`);
-        } else {
-          plan.blocking.push(c);
-          plan.remedies.push(`pinned devices without dirty tracking: set avail-switchover-bandwidth (${bw} B/s) and a downtime limit holding all guest RAM (--fix does both), or "vfio-mig enable-events ${o.domain} --fix" (${PINNED_FIX.name}=off) and a restart`);
-        }
-        break;
-      case 'downtime-prediction':
-        // "No switchover" follows from the pinned trap and goes with its fix; otherwise it blocks.
-        if (!(pinned && o.fix)) plan.blocking.push(c);
-        break;
-      case 'downtime-limit': {
-        const covered = o.downtime === 'auto' || o.fix || (typeof o.downtime === 'number' && downtimeNeededMs !== undefined && o.downtime >= downtimeNeededMs);
-        if (covered) {
-          plan.needsLimit = true;
-        } else {
-          plan.blocking.push(c);
-          plan.remedies.push(`the devices' state does not fit the downtime limit: --downtime auto (or --fix) raises it${downtimeNeededMs !== undefined ? ` to at least ${downtimeNeededMs} ms` : ''}`);
-        }
-        break;
-      }
-      default:
-        plan.blocking.push(c);
-    }
-  }
-  return plan;
-}
-
-// --- the verdict -------------------------------------------------------------------------
-
-export type MigrateVerdict = 'ok' | 'failed' | 'violated' | 'timeout' | 'not-started';
-
-export interface Outcome {
-  /** libvirt reported the migration done. */
-  migrated: boolean;
-  /** libvirt's error when it did not. */
-  libvirtError?: string;
-  /** The migration was aborted by us. */
-  aborted?: 'timeout' | 'interrupted';
-  watch?: WatchResult;
-  /** Why there is no watch result. */
-  watchError?: string;
-  /** The domain's state on each host afterwards (undefined: not there). */
-  sourceState?: string;
-  destinationState?: string;
-}
-
-export function verdictOf(o: Outcome): { verdict: MigrateVerdict; exitCode: number } {
-  if (!o.migrated) {
-    if (o.aborted === 'timeout') return { verdict: 'timeout', exitCode: EXIT.TIMEOUT };
-    return { verdict: 'failed', exitCode: EXIT.FAILED };
-  }
-  if (o.watch?.analysis.verdict === 'violated') return { verdict: 'violated', exitCode: EXIT.VIOLATED };
-  return { verdict: 'ok', exitCode: EXIT.OK };
-}
-
-const ms = (v: number | undefined): string => (v === undefined ? '-' : `${Math.round(v * 10) / 10} ms`);
-
-/** The lines after the watch's summary: what failed and where things were left, the downtime, the files. */
-export function outcomeLines(o: Outcome, ctx: { domain: string; hostdevs?: number; predicted?: PreflightReport['downtime']; limitMs?: number; timeline?: string; report?: string }): string[] {
-  const { verdict } = verdictOf(o);
-  const a: Analysis | undefined = o.watch?.analysis;
-  const lines: string[] = [];
-  if (verdict === 'ok' || verdict === 'violated') {
-    lines.push(`verdict: ${verdict} - ${ctx.domain} runs on the destination${o.destinationState ? ` (${o.destinationState})` : ''}${verdict === 'violated' && a ? `; ${a.reason}` : ''}`);
-    if (a && a.verdict === 'failed') lines.push(`note: libvirt reports the migration done but the watch saw a failure (${a.reason}); check the timeline`);
-  } else {
-    const why = o.aborted === 'timeout' ? 'the time limit was reached and the migration aborted' : o.aborted === 'interrupted' ? 'interrupted; the migration aborted' : 'the migration failed';
-    lines.push(`verdict: ${verdict} - ${why}; ${ctx.domain} ${o.sourceState ? `is ${o.sourceState} on the source` : 'is not on the source any more'}${o.destinationState ? `, and ${o.destinationState} on the destination` : ''}`);
-    if (o.libvirtError) lines.push(`libvirt: ${o.libvirtError}`);
-    // No phase, no RAM sent, no device moved: QEMU had not begun (libvirt or the destination refused first, or the abort came first).
-    const neverBegan = a !== undefined && a.phases.length === 0 && !((a.qemu.ramTransferred ?? 0) > 0) && !a.devices.some((d) => d.source.length > 1);
-    if (neverBegan) lines.push('QEMU had not started migrating: nothing on the source was touched');
-    else if (a?.failure) lines.push(`failed in phase ${a.failure.phase}${a.failure.devices.length ? `, device ${a.failure.devices.join(', ')}` : ''}: ${a.failure.detail}`);
-    if (a?.qemu.errorDesc) lines.push(`QEMU reported: ${a.qemu.errorDesc}`);
-    if (ctx.hostdevs === 0) lines.push('source devices: none (the domain has no VFIO hostdevs)');
-    else if (a && a.devices.length) lines.push(`source devices left in: ${a.devices.map((d) => `${d.id} ${d.final.source}`).join(', ')}`);
-    else if (a) lines.push('source devices left in: unknown (no VFIO_MIGRATION events; migration-events is off on the source)');
-    else lines.push('source devices left in: unknown (not watched)');
-  }
-  const d = ctx.predicted;
-  lines.push('downtime:');
-  if (d) lines.push(`  predicted:        ~${d.totalMs} ms (devices ${d.deviceMs} ms + RAM ${d.ramMs} ms; ${formatBytes(d.deviceBytes)} of device state at ${rateText(d.linkBytesPerSec)})`);
-  if (ctx.limitMs !== undefined) lines.push(`  limit:            ${ctx.limitMs} ms`);
-  lines.push(`  QEMU's figure:    ${ms(a?.qemu.downtimeMs)}`);
-  lines.push(`  STOP -> RESUME:   ${ms(a?.events.stopToResumeMs)}`);
-  lines.push(`  events bound:     ${ms(a?.events.downtimeBoundMs)}`);
-  if (o.watchError) lines.push(`watch: ${o.watchError}`);
-  if (ctx.timeline) lines.push(`timeline: ${ctx.timeline}`);
-  if (ctx.report) lines.push(`report: ${ctx.report}`);
-  return lines;
-}
-
 // --- dependencies (the seams tests replace) ------------------------------------------------
 
 export interface MigrateDeps {
@@ -392,63 +221,13 @@ export function setMigrateDeps(deps: MigrateDeps | undefined): void {
 
 /** The real dependencies (tests wrap them to replace one part). */
 export async function defaultMigrateDeps(timeoutMs: number): Promise<MigrateDeps> {
-  const { compatPort } = await import('../compat/preflight/compat-port.ts');
-  const { collectHostFacts } = await import('../compat/preflight/collect.ts');
-  const { destinationFacts } = await import('../compat/preflight/peer.ts');
-  const compat = await compatPort();
-  return {
-    preflight: {
-      compat,
-      localFacts: (queries, uri, role) => collectHostFacts({ compat, queries, ...(uri ? { libvirtUri: uri } : {}), ...(role === 'source' ? { groupInUse: () => null } : {}) }),
-      destinationFacts: (req) => destinationFacts({ timeoutMs, ...req }),
-    },
-    watch: await loadWatch(),
-  };
+  return { preflight: await defaultPreflightDeps(timeoutMs), watch: await loadWatch() };
 }
 
 /** The libvirt watch (src/cli/watch-libvirt.ts). */
 async function loadWatch(): Promise<MigrateDeps['watch']> {
   const { watchLibvirt } = await import('./watch-libvirt.ts');
   return watchLibvirt;
-}
-
-// --- the command -------------------------------------------------------------------------
-
-function answer<T>(f: () => T): Answer<T> {
-  try {
-    return { ok: true, value: f() };
-  } catch (err) {
-    return { ok: false, error: err instanceof Error ? err.message : String(err) };
-  }
-}
-
-function defaultTimelinePath(domain: string): string {
-  const dir = process.env.VFIO_MIG_STATE_DIR || '/var/lib/vfio-mig';
-  const stamp = new Date().toISOString().replace(/[:.]/g, '-');
-  return join(dir, 'migrations', `${domain.replace(/[^A-Za-z0-9_.-]/g, '_')}-${stamp}.json`);
-}
-
-interface JsonResult {
-  schema: typeof MIGRATE_SCHEMA;
-  domain: string;
-  from: string;
-  to: string;
-  verdict: MigrateVerdict;
-  exitCode: number;
-  started: boolean;
-  preflight?: PreflightReport;
-  blocking?: Array<{ id: string; subject: string; detail: string; advice: string }>;
-  remedies: string[];
-  actions: string[];
-  /** derivation: before the start; measured: the decision once QEMU measured the throughput. */
-  downtime?: { limitMs?: number; derivation?: string; measured?: { bytesPerSec: number; derivation: string }; predicted?: PreflightReport['downtime'] };
-  libvirtError?: string;
-  sourceState?: string;
-  destinationState?: string;
-  analysis?: Analysis;
-  timeline?: string;
-  report?: string;
-  notes: string[];
 }
 
 export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJS.WritableStream): Promise<number> {
@@ -465,7 +244,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     text.push(line);
     out.write(`${line}\n`);
   };
-  const result: JsonResult = { schema: MIGRATE_SCHEMA, domain: o.domain, from: o.from, to: o.to, verdict: 'not-started', exitCode: EXIT.NOT_STARTED, started: false, remedies: [], actions: [], notes: [] };
+  const result: MigrateJson = { schema: MIGRATE_SCHEMA, domain: o.domain, from: o.from, to: o.to, verdict: 'not-started', exitCode: EXIT.NOT_STARTED, started: false, remedies: [], actions: [], notes: [] };
   const finish = (verdict: MigrateVerdict, code: number): number => {
     result.verdict = verdict;
     result.exitCode = code;
@@ -486,7 +265,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   } catch (e) {
     return stop(`cannot reach the source's libvirt at ${o.from}: ${(e as Error).message}`);
   }
-  let dom: Dom | undefined;
+  let dom: import('../libvirt/binding.ts').Domain | undefined;
   let destToClose: Conn | undefined;
   try {
     try {
@@ -499,59 +278,22 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     say(`migrate ${o.domain}: ${o.from} -> ${o.to}`);
 
     // 1. preflight, recording the source's facts for the trap fixes.
-    let sourceFacts: HostFacts | undefined;
-    const pfDeps: PreflightDeps = {
-      ...deps.preflight,
-      localFacts: async (q, uri, role) => {
-        const f = await deps.preflight.localFacts(q, uri, role);
-        if (role === 'source') sourceFacts = f;
-        return f;
-      },
-    };
     const destConn = answer(() => Connection.open(o.to));
     if (destConn.ok) destToClose = destConn.value;
-    let destQemu: string | undefined;
-    const destination = {
-      uri: o.to,
-      libvirt: destConn.ok ? answer(() => destConn.value.libVersion()) : destConn,
-      qemu: destConn.ok ? answer(() => destConn.value.hypervisorVersion()) : destConn,
-    };
-    if (destination.qemu.ok) destQemu = destination.qemu.value;
-    const pfRun = await import('../compat/preflight/run.ts');
-    let pf: PreflightResult;
+    let checked: MigratePreflight;
     try {
-      pf = await pfRun.preflightDomain(
-        {
-          name: o.domain,
-          xml: dom.xml(),
-          running: true,
-          qmp: dom,
-          sourceLibvirt: answer(() => src.libVersion()),
-          destination,
-          options: { postcopy: false, parallel: false, linkBytesPerSec: o.linkBytesPerSec, linkAssumed: o.linkAssumed },
-        },
-        pfDeps,
-      );
+      checked = await preflightRunning(dom, src, destConn, o, deps.preflight);
     } catch (e) {
       if (destConn.ok) destConn.value.close();
       return stop(`preflight could not run: ${(e as Error).message}`);
     }
+    const { pf, sourceFacts, destQemu } = checked;
     result.preflight = pf.report;
-    const counts = (['fail', 'warn', 'pass'] as const).map((v) => `${pf.report.checks.filter((c) => c.verdict === v).length} ${v}`).join(', ');
-    say(`preflight: ${pf.report.verdict.toUpperCase()} (${counts})`);
-    for (const c of pf.report.checks.filter((x) => x.verdict !== 'pass')) say(`  ${c.verdict.toUpperCase()} ${c.id} ${c.subject}: ${c.detail}\n       -> ${c.advice}`);
+    for (const l of preflightLines(pf.report)) say(l);
 
     // The limit in force and what the devices need at the link rate.
     const limitNow = await currentLimit(dom, pf.report.downtime?.limitMs);
-    const memoryBytes = pf.view.memoryBytes ?? 0;
-    const autoInput = (ramInLimit: boolean, rate: number, rateSource: DowntimeAutoInput['rateSource'], current: number): DowntimeAutoInput => ({
-      deviceBytes: pf.report.downtime?.deviceBytes ?? 0,
-      unknownDevices: pf.report.downtime?.unknownDevices ?? [],
-      ramBytes: ramInLimit ? memoryBytes : 0,
-      rateBytesPerSec: rate,
-      rateSource,
-      currentLimitMs: current,
-    });
+    const autoInput = autoInputs(pf.report.downtime, pf.view.memoryBytes ?? 0);
     const rateSource: DowntimeAutoInput['rateSource'] = o.linkAssumed ? 'assumed' : 'given';
     const neededNoRam = downtimeAuto(autoInput(false, o.linkBytesPerSec, rateSource, 0)).limitMs;
     const plan = planTraps(pf.report, o, neededNoRam);
@@ -561,7 +303,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     if (plan.blocking.length > 0) {
       if (!o.force) {
         if (destConn.ok) destConn.value.close();
-        say(`not started: ${plan.blocking.length} failed check${plan.blocking.length > 1 ? 's' : ''} (${plan.blocking.map((c) => `${c.id} ${c.subject}`).join('; ')}); fix ${plan.blocking.length > 1 ? 'them' : 'it'}${plan.remedies.length && !o.fix ? ' (or --fix where it says so)' : ''}, or --force`);
+        say(notStartedLine(plan, o.fix));
         return finish('not-started', EXIT.NOT_STARTED);
       }
       say(`--force: migrating despite ${plan.blocking.length} failed check(s)`);
@@ -589,19 +331,14 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       }
     }
     let limitMs = limitNow;
-    let autoLimit = o.downtime === 'auto' || (plan.needsLimit && typeof o.downtime !== 'number');
-    if (typeof o.downtime === 'number' || autoLimit) {
-      let decision: DowntimeDecision;
-      if (typeof o.downtime === 'number') {
-        decision = { limitMs: o.downtime, change: o.downtime !== limitNow, derivation: `--downtime ${o.downtime}` };
-        autoLimit = false;
-      } else {
-        decision = downtimeAuto(autoInput(plan.ramInLimit, o.linkBytesPerSec, rateSource, limitNow));
-      }
+    const start = limitBeforeStart(o.downtime, plan.needsLimit, limitNow, () => downtimeAuto(autoInput(plan.ramInLimit, o.linkBytesPerSec, rateSource, limitNow)));
+    const autoLimit = start?.derived ?? false;
+    if (start) {
+      const { decision } = start;
       result.downtime = { limitMs: decision.limitMs, derivation: decision.derivation };
       if (decision.change) {
         try {
-          setMaxDowntime(dom, decision.limitMs);
+          dom.migrateSetMaxDowntime(decision.limitMs);
         } catch (e) {
           if (destConn.ok) destConn.value.close();
           return stop(`cannot set the downtime limit of ${o.domain}: ${(e as Error).message}`);
@@ -614,6 +351,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     result.downtime = { ...result.downtime, limitMs, predicted: pf.report.downtime };
 
     // 3. the destination XMLs.
+    const pfRun = await import('../compat/preflight/run.ts');
     const fixes = o.fix && sourceFacts ? trapFixes(dom.xml(), sourceFacts.kernelConfig.iommufdDriver, sourceFacts.devices) : new Map<number, PropertyEdit[]>();
     const events = pf.view.hostdevs.length > 0 && destQemu !== undefined && qemuHasEvents(destQemu);
     const live = await pfRun.rewriteXml(dom.xml({ migratable: true, secure: true }), pf, deps.preflight.compat);
@@ -656,7 +394,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       if (outcome.aborted) return;
       outcome.aborted = why;
       try {
-        abortJob(dom!);
+        dom!.abortJob();
       } catch (e) {
         result.notes.push(`abort: ${(e as Error).message}`);
       }
@@ -708,14 +446,11 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     let timeline: string | undefined;
     let svg: string | undefined;
     if (outcome.watch) {
-      try {
-        mkdirSync(dirname(timelinePath), { recursive: true });
-        writeFileSync(timelinePath, `${JSON.stringify(outcome.watch.record, null, 1)}\n`);
-        timeline = timelinePath;
-        svg = await writeSvg(outcome.watch.record, outcome.watch.analysis, reportPath);
-      } catch (e) {
-        result.notes.push(`cannot write the timeline or report: ${(e as Error).message}`);
-        err.write(`vfio-mig migrate: cannot write the timeline or report: ${(e as Error).message}\n`);
+      const files = await writeTimelineFiles(outcome.watch, timelinePath, reportPath);
+      ({ timeline, svg } = files);
+      if (files.error !== undefined) {
+        result.notes.push(`cannot write the timeline or report: ${files.error}`);
+        err.write(`vfio-mig migrate: cannot write the timeline or report: ${files.error}\n`);
       }
     }
     const v = verdictOf(outcome);
@@ -746,72 +481,6 @@ function qemuHasEvents(version: string): boolean {
   return v !== undefined && atLeast(v, 9, 1);
 }
 
-/** The downtime-limit in force: preflight's reading, else QEMU's parameters, else QEMU's default. */
-async function currentLimit(dom: import('../libvirt/binding.ts').Domain, fromPreflight: number | undefined): Promise<number> {
-  if (fromPreflight !== undefined) return fromPreflight;
-  try {
-    const p = (await dom.execute('query-migrate-parameters')) as Record<string, unknown>;
-    const v = p['downtime-limit'];
-    if (typeof v === 'number' && Number.isFinite(v) && v > 0) return v;
-  } catch {
-    // QEMU's default below.
-  }
-  return QEMU_DEFAULT_LIMIT_MS;
-}
-
-type Dom = import('../libvirt/binding.ts').Domain;
-
-function setMaxDowntime(dom: Dom, ms: number): void {
-  dom.migrateSetMaxDowntime(ms);
-}
-
-function abortJob(dom: Dom): void {
-  dom.abortJob();
-}
-
-/**
- * Polls libvirt's job statistics while the migration runs; once QEMU reports a measured
- * throughput, recomputes the limit with it, raises it if needed, and reports the decision
- * (once).
- */
-function refineLimit(dom: Dom, decide: (rate: number) => DowntimeDecision, decided: (d: DowntimeDecision, rate: number) => void): { stop(): void; done: Promise<void> } {
-  let stopped = false;
-  let wake: () => void = () => {};
-  const done = (async () => {
-    while (!stopped) {
-      await new Promise<void>((r) => {
-        wake = r;
-        setTimeout(r, REFINE_POLL_MS);
-      });
-      if (stopped) break;
-      let bps: number | undefined;
-      try {
-        bps = dom.jobStats().memoryBps;
-      } catch {
-        continue;
-      }
-      if (bps === undefined || !(bps > 0)) continue;
-      const d = decide(bps);
-      if (d.change) {
-        try {
-          dom.migrateSetMaxDowntime(d.limitMs);
-        } catch {
-          return; // The migration may be over already; the limit then no longer matters.
-        }
-      }
-      decided(d, bps);
-      return;
-    }
-  })();
-  return {
-    stop: () => {
-      stopped = true;
-      wake();
-    },
-    done,
-  };
-}
-
 function isPersistent(conn: import('../libvirt/binding.ts').Connection, name: string, flag: number): boolean {
   const list = conn.listDomains(flag);
   try {
@@ -834,10 +503,3 @@ function domainState(conn: import('../libvirt/binding.ts').Connection, name: str
   }
 }
 
-async function writeSvg(record: WatchRecord, analysis: Analysis, path: string): Promise<string> {
-  const { parseTimeline } = await import('../report/timeline.ts');
-  const { renderSvg } = await import('../report/svg.ts');
-  mkdirSync(dirname(path), { recursive: true });
-  writeFileSync(path, renderSvg(parseTimeline(JSON.parse(JSON.stringify(record))), analysis));
-  return path;
-}

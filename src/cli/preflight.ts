@@ -51,7 +51,8 @@ details: docs/operations.md
 
 const VERDICT = { pass: 'PASS', warn: 'WARN', fail: 'FAIL' } as const;
 
-function answer<T>(f: () => T): Answer<T> {
+/** A libvirt call's value, or its error as preflight records it (also vfio-mig migrate). */
+export function answer<T>(f: () => T): Answer<T> {
   try {
     return { ok: true, value: f() };
   } catch (err) {
@@ -66,7 +67,8 @@ function positiveNumber(name: string, raw: string | undefined, max: number): num
   return n;
 }
 
-async function defaultDeps(timeoutMs: number): Promise<PreflightDeps> {
+/** The real host and peer access (also vfio-mig migrate's). */
+export async function defaultPreflightDeps(timeoutMs: number): Promise<PreflightDeps> {
   const { compatPort } = await import('../compat/preflight/compat-port.ts');
   const { collectHostFacts } = await import('../compat/preflight/collect.ts');
   const { destinationFacts } = await import('../compat/preflight/peer.ts');
@@ -138,7 +140,7 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
   const one = (name: string): string | undefined => args.options.get(name)?.at(-1);
   const json = args.flags.has('json');
   const timeoutS = positiveNumber('timeout', one('timeout'), 3600) ?? 30;
-  const deps = depsOverride ?? (await defaultDeps(timeoutS * 1000));
+  const deps = depsOverride ?? (await defaultPreflightDeps(timeoutS * 1000));
   const run = await import('../compat/preflight/run.ts');
   const xmlFile = one('xml');
   const connect = one('connect');
