@@ -32,7 +32,17 @@ export interface DowntimeInput {
   capabilities: Record<string, boolean> | undefined;
   /** The operator will migrate with --parallel (multifd). */
   parallel: boolean;
+  /** The source's libvirt version, when the migration goes through libvirt. */
+  libvirtVersion?: string | undefined;
 }
+
+/**
+ * libvirt 11.3 (measured: test/libvirt/switchover-ack.test.ts) negotiates return-path and
+ * switchover-ack itself for every migration that is not --tunnelled, and turns them on on
+ * both QEMUs only for the migration: before it the capability reads off. Older versions
+ * were not measured here, so for them the capability in force is what counts.
+ */
+const LIBVIRT_NEGOTIATES_SWITCHOVER_ACK: [number, number] = [11, 3];
 
 const ms = (bytes: number, rate: number): number => (bytes / rate) * 1000;
 const r1 = (n: number): number => Math.round(n * 10) / 10;
@@ -131,8 +141,14 @@ export function downtimeChecks(inp: DowntimeInput): { checks: Check[]; predictio
   if (precopyDevices.length === 0) {
     lever('lever-switchover-ack', 'source', 'n/a', 'switchover-ack: no device with PRE_COPY, nothing to wait for', '');
   } else {
-    const on = caps?.['switchover-ack'] === true;
-    lever('lever-switchover-ack', 'source', on, `switchover-ack ${on ? 'on' : 'off'}${on ? '' : ' (libvirt does not turn it on)'}: ${on ? 'QEMU waits until devices have sent their initial data' : 'QEMU may switch over before the devices sent their pre-copy data'}`, 'Turn on return-path and switchover-ack on both QEMUs before migrating (migrate-set-capabilities), as libvirt does not.');
+    const lv = inp.libvirtVersion ? parseVersion(inp.libvirtVersion) : undefined;
+    if (lv && atLeast(lv, ...LIBVIRT_NEGOTIATES_SWITCHOVER_ACK)) {
+      lever('lever-switchover-ack', 'source', true, `switchover-ack: libvirt ${inp.libvirtVersion} turns it on (with return-path) on both QEMUs for the migration, unless it is --tunnelled: QEMU waits until devices have sent their initial data`, '');
+    } else {
+      const on = caps?.['switchover-ack'] === true;
+      const why = inp.libvirtVersion ? ` (libvirt ${inp.libvirtVersion} is older than ${LIBVIRT_NEGOTIATES_SWITCHOVER_ACK.join('.')}, which negotiates it)` : '';
+      lever('lever-switchover-ack', 'source', on, `switchover-ack ${on ? 'on' : 'off'}${on ? '' : why}: ${on ? 'QEMU waits until devices have sent their initial data' : 'QEMU may switch over before the devices sent their pre-copy data'}`, `Use libvirt ${LIBVIRT_NEGOTIATES_SWITCHOVER_ACK.join('.')} or later (it negotiates switchover-ack for non-tunnelled migrations), or turn on return-path and switchover-ack on both QEMUs before the source starts sending (migrate-set-capabilities).`);
+    }
   }
   const v = parseVersion(inp.qemuVersion);
   if (v && !atLeast(v, 10, 0)) {

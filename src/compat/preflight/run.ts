@@ -165,6 +165,7 @@ export async function preflightDomain(input: DomainInput, deps: PreflightDeps): 
       qemuVersion: qemu ? val(qemu.version) : undefined,
       capabilities: qemu ? val(qemu.capabilities) : undefined,
       parallel: input.options.parallel,
+      libvirtVersion: val(input.sourceLibvirt),
     });
     checks.push(...d.checks);
     prediction = d.prediction;
