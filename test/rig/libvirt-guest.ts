@@ -20,10 +20,10 @@
 // - QEMU here is TCG inside TCG: timeouts are generous; libvirtd probes QEMU's
 //   capabilities once (A) and B starts from A's cache.
 //
-// Nothing of the guest's own / is changed except empty mount points. stop() tears down
-// by pid (QEMUs, then daemons), deletes the namespaces and the directory: nothing is left.
+// Nothing of the guest's own / is changed except empty mount points, removed again. stop()
+// tears down by pid (QEMUs, then daemons), deletes the namespaces and the directory.
 import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
-import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { teardown, reapStale } from '../libvirt/hosts.ts';
@@ -218,9 +218,19 @@ export async function startGuestHosts(opts: GuestHostOptions = {}): Promise<Gues
   const nsB = `${tag}B`;
   writeFileSync(join(base, 'owner.json'), JSON.stringify({ pid: process.pid, netns: [nsA, nsB] }));
   const started: GuestHost[] = [];
+  // The mount points the hosts' namespaces need and the guest's / lacks (created by the
+  // init script): removed again at stop, so the next rig file sees the guest as it was.
+  const mountPoints = ['/usr/lib/vfio-mig', '/etc/vfio-mig', '/var/lib/vfio-mig', '/var/log/vfio-mig'].filter((d) => !existsSync(d));
   const stop = async (): Promise<void> => {
     await teardown(base, [nsA, nsB]);
     await Promise.all(started.map((h) => h.exited));
+    for (const d of mountPoints) {
+      try {
+        rmdirSync(d); // only if still empty: never anything else's
+      } catch {
+        // not created (a host failed before), or not empty
+      }
+    }
   };
   try {
     sh('ip', ['netns', 'add', nsA]);

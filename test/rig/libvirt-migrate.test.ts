@@ -261,6 +261,11 @@ test.serial('vfio-mig migrate moves a running domain with an mtty mdev from A to
   t.true(res.started);
   t.is(res.destinationState, 'running');
   await checkOnB(t, connB, src, name, written);
+  // The persistent definition travels with the migration, past B's hook (libvirt passes
+  // only the live XML through it): which mdev it names is recorded, not required.
+  const inactive = connB.lookupDomain(name);
+  t.log(`B's persistent definition names mdev ${/<address uuid=['"]([0-9a-f-]+)['"]/.exec(inactive.xml({ inactive: true }))?.[1] ?? '(none)'}`);
+  inactive.dispose();
 });
 
 test.serial('libvirt API (preflight --print-xml, virDomainMigrateToURI3 p2p) with the vfio-mig hooks: the same migration without the migrate command', async (t) => {
