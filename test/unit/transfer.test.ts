@@ -9,7 +9,7 @@ import { installFake } from '../fake/install.ts';
 import { VfioDevice } from '../../src/vfio/device.ts';
 import { Coordinator } from '../../src/migration/coordinator.ts';
 import { saveSet, loadSet, acceptSameIdentity, type Accept } from '../../src/migration/transfer.ts';
-import { StreamError, readStream } from '../../src/migration/stream.ts';
+import { StreamError, readStream, Layout, FrameType } from '../../src/migration/stream.ts';
 import { ProgressMeter, progressPrinter, type ProgressSnapshot } from '../../src/migration/progress.ts';
 import { MigState } from '../../src/vfio/uapi.ts';
 
@@ -164,6 +164,35 @@ test.serial('a truncated stream, one with data after the trailer, and a stream f
     for (const d of devs) await d.close();
   }
   for (const id of DST) t.is(fake.device(id).state, MigState.Running);
+});
+
+test.serial('the destination writes a device in batches, not one write per piece of the stream', async (t) => {
+  const stream = await saveSource();
+  const pieces: Buffer[] = [];
+  for (let i = 0; i < stream.length; i += 64) pieces.push(stream.subarray(i, i + 64));
+  // A 4 KiB queue: each device's pieces go down in writes of about 4 KiB.
+  writes = 0;
+  await load(pieces, accept, { queueBytes: 4096 });
+  const perDevice = SIZES.map((n) => Math.ceil(n / 4096));
+  t.log(`${pieces.length} pieces of 64 B -> ${writes} writes`);
+  t.true(writes <= perDevice.reduce((a, b) => a + b, 0) + SIZES.length, `${writes} writes for ${SIZES.join(' + ')} bytes`);
+  for (const [i, id] of DST.entries()) t.is(fake.device(id).digest(), fake.device(SRC[i]!).digest());
+  // A stream that pauses with less than a batch queued is still written (after the linger time).
+  writes = 0;
+  let wrote = -1;
+  // Cut right after the first DATA frame: no device has ended yet, so only the linger
+  // time can start a write during the pause.
+  let cut = Layout.HEADER_SIZE;
+  while (stream.readUInt8(cut) !== FrameType.Data) cut += Layout.FRAME_HEADER_SIZE + stream.readUInt32LE(cut + 4);
+  cut += Layout.FRAME_HEADER_SIZE + stream.readUInt32LE(cut + 4);
+  const slow = (async function* () {
+    yield stream.subarray(0, cut);
+    await new Promise((r) => setTimeout(r, 200));
+    wrote = writes;
+    yield stream.subarray(cut);
+  })();
+  await load(slow as unknown as Buffer[], accept);
+  t.true(wrote >= 1, `data was written while the stream paused (${wrote} writes)`);
 });
 
 test.serial('the destination holds a bounded amount: the reader waits while devices are behind', async (t) => {
