@@ -17,8 +17,8 @@
 // destination's persistent definition keeps the source's addresses. We say so on stderr.
 
 import * as sysfs from '../host/sysfs.ts';
-import type { DomainXml, XmlElement } from '../libvirt/domain-xml.ts';
-import { escapeXml, parsePciAddress } from './xml-edit.ts';
+import { DomainXmlError, type DomainXml } from '../libvirt/domain-xml.ts';
+import { parsePciAddress } from './xml-edit.ts';
 import { findEntry, readMetadata, writeMetadata, DomainMetadataError, type DomainMetadata, type HostdevMetadata, type DescriptorJson } from '../compat/domain-metadata.ts';
 import { HookRefusal } from './refusal.ts';
 import { hookLock, hostName, loadCompat, loadConfig, logEvent, parseDomainXml, say, vfioHostdevs, type CompatApi, type HookContext, type HookResult, type VfioHostdev } from './qemu-common.ts';
@@ -212,19 +212,11 @@ function setHostdevSource(doc: DomainXml, dev: VfioHostdev, target: string): voi
     doc.setHostdevSourceAddress({ index: dev.view.index }, parsePciAddress(target));
     return;
   }
-  const el = hostdevElements(doc)[dev.view.index];
-  const source = el?.children.find((c): c is XmlElement => c.kind === 'element' && c.name === 'source');
-  const address = source?.children.find((c): c is XmlElement => c.kind === 'element' && c.name === 'address');
-  const uuid = address?.attrs.find(([k]) => k === 'uuid');
-  if (!uuid) throw new HookRefusal(`${dev.label}: no <source><address uuid=> to rewrite`, dev.id);
-  uuid[1] = escapeXml(sysfs.parseMdevUuid(target));
+  try {
+    doc.setHostdevMdevUuid({ index: dev.view.index }, sysfs.parseMdevUuid(target));
+  } catch (err) {
+    if (err instanceof DomainXmlError) throw new HookRefusal(`${dev.label}: ${err.message}`, dev.id);
+    throw err;
+  }
 }
 
-/** The <hostdev> and <interface type='hostdev'> elements, in the order DomainXml.hostdevs() gives. */
-function hostdevElements(doc: DomainXml): XmlElement[] {
-  const devices = doc.root.children.find((c): c is XmlElement => c.kind === 'element' && c.name === 'devices');
-  if (!devices) return [];
-  return devices.children.filter(
-    (c): c is XmlElement => c.kind === 'element' && (c.name === 'hostdev' || (c.name === 'interface' && c.attrs.some(([k, v]) => k === 'type' && v === 'hostdev'))),
-  );
-}

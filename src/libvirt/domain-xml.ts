@@ -398,6 +398,20 @@ export class DomainXml {
   }
 
   /**
+   * Points an mdev hostdev at another mdev (`<source><address uuid=>`): the destination-side
+   * remap for mediated devices. Only the uuid attribute changes.
+   */
+  setHostdevMdevUuid(ref: HostdevRef, uuid: string): void {
+    if (!UUID.test(uuid)) throw new DomainXmlError(`${JSON.stringify(uuid)} is not an mdev UUID`);
+    const h = this.find(ref);
+    if (h.view.type !== 'mdev') throw new DomainXmlError(`hostdev ${describeRef(ref)} is type '${h.view.type}', not mdev`);
+    const source = child(h.el, 'source');
+    const address = source && child(source, 'address');
+    if (!address || attr(address, 'uuid') === undefined) throw new DomainXmlError(`hostdev ${describeRef(ref)} has no <source><address uuid=>`);
+    setAttr(address, 'uuid', uuid.toLowerCase());
+  }
+
+  /**
    * Adds or replaces `<qemu:override><qemu:device alias=A><qemu:frontend><qemu:property
    * name=N type=T value=V/>` (libvirt >= 8.2), e.g. migration-events=true for
    * VFIO_MIGRATION events. The qemu namespace is declared on the root once, reusing the

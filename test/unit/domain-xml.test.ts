@@ -291,3 +291,16 @@ for (const [what, xml, line] of [
     if (line !== undefined) t.is(err!.line, line, err!.message);
   });
 }
+
+test('setHostdevMdevUuid: only the uuid attribute changes; bad UUIDs and PCI hostdevs are refused', (t) => {
+  const text = readFileSync(join(FIXTURES, 'hostdev-mdev-display.xml'), 'utf8');
+  const doc = DomainXml.parse(text);
+  const to = '83B8F4F2-509F-382F-3C1E-E6BFE0FA0002';
+  doc.setHostdevMdevUuid({ index: 0 }, to);
+  const out = doc.serialize();
+  t.is(DomainXml.parse(out).hostdevs()[0]!.mdevUuid, to.toLowerCase());
+  t.is(out, text.replace('53764d0e-85a0-42b4-af5c-2046b460b1dc', to.toLowerCase()), 'nothing else in the document moved');
+  t.throws(() => DomainXml.parse(text).setHostdevMdevUuid({ index: 0 }, "x' onload='1"), { instanceOf: DomainXmlError });
+  const pci = DomainXml.parse(readFileSync(join(FIXTURES, 'hostdev-pci-address.x86_64-latest.xml'), 'utf8'));
+  t.throws(() => pci.setHostdevMdevUuid({ index: 0 }, to), { instanceOf: DomainXmlError, message: /not mdev/ });
+});

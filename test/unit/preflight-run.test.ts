@@ -20,6 +20,7 @@ import { parseHostFacts, HOST_FACTS_SCHEMA } from '../../src/compat/preflight/fa
 import { preflightDomain, rewriteXml, DEFAULT_LINK_BYTES_PER_SEC, type PreflightDeps, type DomainInput } from '../../src/compat/preflight/run.ts';
 import { readKernelConfig } from '../../src/compat/preflight/kernel-config.ts';
 import { PREFLIGHT_SCHEMA, type PreflightReport } from '../../src/compat/preflight/types.ts';
+import { domainView } from '../../src/compat/preflight/domain-view.ts';
 import { setPreflightDeps } from '../../src/cli/preflight.ts';
 
 const fake = installFakeSysfs(test);
@@ -347,4 +348,19 @@ test.serial('the real compatibility layer behind the port: descriptors, the comp
   const xml = await real.embedMetadata(liveXml([SRC]), [{ alias: 'hostdev0', index: 0, type: 'pci', address: SRC, descriptor: d }]);
   const back = await real.readMetadata(xml);
   t.like(back[0], { alias: 'hostdev0', address: SRC, descriptor: { id: SRC } });
+});
+
+test.serial('destination XML for an mdev: pointed at the free mdev preflight assigned there, so the live and the persistent XML agree', async (t) => {
+  const text = readFileSync(new URL('../fixtures/libvirt-xml/hostdev-mdev-display.xml', import.meta.url), 'utf8');
+  const view = domainView(DomainXml.parse(text));
+  const target = '83b8f4f2-509f-382f-3c1e-e6bfe0fa0002';
+  const result = { assignments: [{ alias: view.hostdevs[0]!.alias, target }], view, descriptors: [] } as unknown as Parameters<typeof rewriteXml>[1];
+  const out = await rewriteXml(text, result, compat);
+  t.is(DomainXml.parse(out.xml).hostdevs()[0]!.mdevUuid, target);
+  t.deepEqual(out.notes, [`${view.hostdevs[0]!.alias}: mdev 53764d0e-85a0-42b4-af5c-2046b460b1dc -> ${target}`]);
+  // A destination that only offers to create one: the XML keeps the UUID and says so.
+  const create = { ...result, assignments: [{ alias: view.hostdevs[0]!.alias, target: 'new mdev nvidia-35 on 0000:65:00.0' }] } as typeof result;
+  const kept = await rewriteXml(text, create, compat);
+  t.is(DomainXml.parse(kept.xml).hostdevs()[0]!.mdevUuid, '53764d0e-85a0-42b4-af5c-2046b460b1dc');
+  t.regex(kept.notes[0]!, /create that mdev there under the same UUID/);
 });

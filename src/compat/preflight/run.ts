@@ -250,9 +250,12 @@ function pciOf(bdf: string): PciAddress | undefined {
   return m ? { domain: parseInt(m[1]!, 16), bus: parseInt(m[2]!, 16), slot: parseInt(m[3]!, 16), function: parseInt(m[4]!, 16) } : undefined;
 }
 
+const UUID_TARGET = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
 /**
  * The destination XML: each hostdev pointed at its assigned destination device (PCI
- * addresses; an mdev keeps its UUID, created there under the same one) and the vfio-mig
+ * addresses; an mdev at the free mdev assigned there, or it keeps its UUID when the
+ * destination only offers to create one) and the vfio-mig
  * metadata with the source descriptors embedded. Returns the XML and notes for the operator.
  */
 export async function rewriteXml(xml: string, result: PreflightResult, compat: CompatPort): Promise<{ xml: string; notes: string[] }> {
@@ -270,6 +273,11 @@ export async function rewriteXml(xml: string, result: PreflightResult, compat: C
     if (here.kind === 'pci' && to) {
       doc.setHostdevSourceAddress({ index: here.index }, to);
       if (a.target !== src.device) notes.push(`${a.alias}: ${src.device} -> ${a.target}`);
+    } else if (here.kind === 'mdev' && UUID_TARGET.test(a.target)) {
+      // An existing free mdev there: the destination's migrate hook tries the address the
+      // XML names first, so the live and the persistent definition agree on it.
+      doc.setHostdevMdevUuid({ index: here.index }, a.target);
+      if (a.target !== src.device) notes.push(`${a.alias}: mdev ${src.device} -> ${a.target}`);
     } else if (a.target !== src.device) {
       notes.push(`${a.alias}: the destination offers ${a.target}; the XML keeps ${src.device} (create that mdev there under the same UUID)`);
     }
