@@ -4,9 +4,9 @@
 // two device sets over a token-authenticated unix socket, both sides in this process.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { QmpClient } from '../../src/qmp/client.ts';
+import { connectStartingQemu } from './qmp-start.ts';
 import { listen, connect, newToken, type Transport } from '../../src/migration/transport.ts';
 import { migrateSource, qmpReconnector, type SourceOptions, type SourceResult } from '../../src/migration/engine-source.ts';
 import { receiveDestination, type DestinationOptions, type DestinationResult } from '../../src/migration/engine-destination.ts';
@@ -36,13 +36,15 @@ export async function startVm(dir: string, name: string, extra: string[] = []): 
   const exited = new Promise<number | string>((resolve) => proc.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
   let gone = false;
   void exited.then(() => (gone = true));
-  const deadline = Date.now() + 60_000;
-  while (!existsSync(qmpPath)) {
-    if (gone) throw new Error(`QEMU ${name} exited during start-up: ${stderr.trim()}`);
-    if (Date.now() > deadline) throw new Error(`QEMU ${name}: no QMP socket after 60 s`);
-    await new Promise((r) => setTimeout(r, 20));
+  let qmp: QmpClient;
+  try {
+    qmp = await connectStartingQemu(name, qmpPath, { gone: () => gone, stderr: () => stderr });
+  } catch (err) {
+    // Not left running when the start fails (nobody else holds this process yet).
+    if (!gone) proc.kill('SIGKILL');
+    await exited;
+    throw err;
   }
-  const qmp = await QmpClient.connect({ path: qmpPath }, { connectTimeoutMs: 60_000, commandTimeoutMs: 60_000 });
   const vm: EngineVm = {
     name,
     proc,
@@ -65,7 +67,13 @@ export async function startVm(dir: string, name: string, extra: string[] = []): 
 /** Source running; destination waiting with -incoming defer. */
 export async function startVmPair(dir: string): Promise<{ src: EngineVm; dst: EngineVm; ramUri: string }> {
   const src = await startVm(dir, 'src');
-  const dst = await startVm(dir, 'dst', ['-incoming', 'defer']);
+  let dst: EngineVm;
+  try {
+    dst = await startVm(dir, 'dst', ['-incoming', 'defer']);
+  } catch (err) {
+    await src.stop();
+    throw err;
+  }
   return { src, dst, ramUri: `unix:${join(dir, 'ram.sock')}` };
 }
 

@@ -11,7 +11,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { QmpClient } from '../../src/qmp/client.ts';
+import type { QmpClient } from '../../src/qmp/client.ts';
+import { connectStartingQemu } from './qmp-start.ts';
 
 const QEMU = process.env.VFIO_MIG_QEMU ?? 'qemu-system-x86_64';
 
@@ -69,13 +70,7 @@ async function startQemu(t: Cleanup, dir: string, name: string, extra: string[])
     await exited;
     clearTimeout(timer);
   });
-  const deadline = Date.now() + 60_000;
-  while (!existsSync(qmpPath)) {
-    if (gone) throw new Error(`QEMU ${name} exited during start-up: ${stderr.trim()}`);
-    if (Date.now() > deadline) throw new Error(`QEMU ${name}: no QMP socket after 60 s: ${stderr.trim()}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  const qmp = await QmpClient.connect({ path: qmpPath }, { connectTimeoutMs: 60_000, commandTimeoutMs: 60_000 });
+  const qmp = await connectStartingQemu(name, qmpPath, { gone: () => gone, stderr: () => stderr });
   t.teardown(() => qmp.close());
   return { name, proc, qmp, log: () => stderr, exited };
 }
