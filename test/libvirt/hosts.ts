@@ -52,7 +52,11 @@ export function cannotRun(): string | undefined {
   return undefined;
 }
 
-function configs(name: 'A' | 'B', addr: string): { libvirtd: string; qemu: string } {
+/**
+ * Each fake host's libvirtd.conf and qemu.conf (also used by the rig's in-guest pair,
+ * test/rig/libvirt-guest.ts). `logFilters` adds libvirt log filters (e.g. util.hook).
+ */
+export function configs(name: 'A' | 'B', addr: string, logFilters = '1:qemu.qemu_migration 3:*'): { libvirtd: string; qemu: string } {
   const uuidTail = name === 'A' ? '00000000000a' : '00000000000b';
   return {
     libvirtd: [
@@ -63,7 +67,7 @@ function configs(name: 'A' | 'B', addr: string): { libvirtd: string; qemu: strin
       'unix_sock_admin_perms = "0700"',
       'auth_unix_ro = "none"',
       'auth_unix_rw = "none"',
-      'log_filters = "1:qemu.qemu_migration 3:*"',
+      `log_filters = "${logFilters}"`,
       'log_outputs = "1:file:/var/log/libvirt/libvirtd.log"',
       '',
     ].join('\n'),

@@ -26,7 +26,7 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync, rmdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { teardown, reapStale } from '../libvirt/hosts.ts';
+import { configs, teardown, reapStale } from '../libvirt/hosts.ts';
 import { isLink, run as install } from '../../src/cli/install.ts';
 
 export type HostName = 'A' | 'B';
@@ -72,40 +72,6 @@ function sh(cmd: string, args: string[]): string {
   return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
-function configs(name: HostName, addr: string): { libvirtd: string; qemu: string } {
-  return {
-    libvirtd: [
-      `host_uuid = "5a5a5a5a-0000-4000-8000-00000000000${name.toLowerCase()}"`,
-      'unix_sock_group = "root"',
-      'unix_sock_ro_perms = "0770"',
-      'unix_sock_rw_perms = "0770"',
-      'unix_sock_admin_perms = "0700"',
-      'auth_unix_ro = "none"',
-      'auth_unix_rw = "none"',
-      'log_filters = "1:util.hook 1:qemu.qemu_migration 3:*"',
-      'log_outputs = "1:file:/var/log/libvirt/libvirtd.log"',
-      '',
-    ].join('\n'),
-    qemu: [
-      'user = "root"',
-      'group = "root"',
-      'dynamic_ownership = 0',
-      'remember_owner = 0',
-      // No SELinux/AppArmor in the guest.
-      'security_driver = "none"',
-      // ip netns exec remounts /sys without the cgroup mounts: no cgroups, no namespaces.
-      'cgroup_controllers = [ ]',
-      'namespaces = [ ]',
-      // No virtlogd: QEMU's output goes straight to a file.
-      'stdio_handler = "file"',
-      `migration_address = "${addr}"`,
-      `migration_host = "${addr}"`,
-      'migration_port_min = 49152',
-      'migration_port_max = 49215',
-      '',
-    ].join('\n'),
-  };
-}
 
 // Runs as `ip netns exec NS unshare --uts -- bash -c INIT host-init DIR NAME VFIO`: the host
 // name, private bind mounts over libvirt's (and vfio-mig's) fixed paths, then libvirtd under
@@ -173,7 +139,9 @@ async function startHost(base: string, name: HostName, netns: string, addr: stri
   const dir = join(base, name);
   const root = join(dir, 'root');
   for (const sub of ['run', 'lib', 'cache', 'log', 'vfio-mig-log', 'root/etc/libvirt']) mkdirSync(join(dir, sub), { recursive: true });
-  const c = configs(name, addr);
+  // The outer pair's configs (root, no security driver, no cgroups, stdio to a file), with the
+  // hook calls logged too.
+  const c = configs(name, addr, '1:util.hook 1:qemu.qemu_migration 3:*');
   writeFileSync(join(root, 'etc/libvirt/libvirtd.conf'), c.libvirtd);
   writeFileSync(join(root, 'etc/libvirt/qemu.conf'), c.qemu);
   // Installed before libvirtd starts: it learns its hooks at start (a SIGHUP while its
