@@ -251,12 +251,17 @@ test.serial('vfio-mig migrate moves a running domain with an mtty mdev from A to
   const r = await runArgv([...vfioMigOn(h.a), 'migrate', name, '--to', h.b.uri, '--live', '--json', '--timeline', timeline, '--timeout', '600'], peerEnv());
   t.log(`vfio-mig migrate on A: exit ${r.code}, ${r.ms} ms`);
   if (r.stderr.trim()) t.log(r.stderr.trim());
-  const res = JSON.parse(r.stdout || 'null') as { blocking?: unknown; verdict: string; exitCode: number; started: boolean; sourceState?: string; destinationState?: string; libvirtError?: string; notes: string[]; actions: string[]; preflight?: { checks: Array<{ id: string; verdict: string; detail: string }> }; analysis?: { verdict: string; downtimeMs?: number | null } };
+  const res = JSON.parse(r.stdout || 'null') as { blocking?: unknown; verdict: string; exitCode: number; started: boolean; sourceState?: string; destinationState?: string; libvirtError?: string; notes: string[]; actions: string[]; preflight?: { checks: Array<{ id: string; verdict: string; detail: string }> }; analysis?: { verdict: string; downtimeMs?: number | null; devices: Array<{ id: string; source: string[]; destination: string[] }> } };
   for (const c of res.preflight?.checks.filter((x) => x.verdict !== 'pass') ?? []) t.log(`  preflight ${c.verdict} ${c.id}: ${c.detail}`);
   for (const n of [...res.actions, ...res.notes]) t.log(`  ${n}`);
   t.truthy(res.analysis, 'the libvirt watch ran (its analysis is in the result)');
   t.log(`  watch: ${res.analysis?.verdict}, downtime ${res.analysis?.downtimeMs ?? '?'} ms`);
   t.is(res.analysis?.verdict, 'ok', 'the events from both QEMUs keep the ordering rules');
+  // The watch saw the device move through libvirt's monitor events, on both hosts.
+  const dev = res.analysis?.devices.find((d) => d.id === 'hostdev0');
+  t.log(`  hostdev0: ${dev?.source.join(' -> ')} | ${dev?.destination.join(' -> ')}`);
+  t.true(dev?.source.includes('stop-copy'), 'the source QEMU reported hostdev0 in stop-copy');
+  t.deepEqual(dev?.destination.slice(-2), ['running-p2p', 'running'], 'the destination QEMU reported hostdev0 running-p2p, then running');
   t.is(res.verdict, 'ok', JSON.stringify({ blocking: res.blocking, libvirtError: res.libvirtError, notes: res.notes, sourceState: res.sourceState, destinationState: res.destinationState }) + r.stderr);
   t.is(r.code, 0);
   t.true(res.started);
