@@ -13,6 +13,7 @@ import type { Analysis } from '../report/analysis.ts';
 import type { WatchRecord } from '../report/timeline.ts';
 import type { WatchResult } from './watch-common.ts';
 import { rateText } from './migrate-downtime.ts';
+import type { SwitchoverAckReport } from './migrate-switchover.ts';
 
 export const MIGRATE_SCHEMA = 'vfio-mig/migrate/1';
 
@@ -97,6 +98,8 @@ export interface MigrateJson {
   actions: string[];
   /** derivation: before the start; measured: the decision once QEMU measured the throughput. */
   downtime?: { limitMs?: number; derivation?: string; measured?: { bytesPerSec: number; derivation: string }; predicted?: PreflightReport['downtime'] };
+  /** --switchover-ack: what the source QEMU had on while its migration was active (observed null: not verified). */
+  switchoverAck?: SwitchoverAckReport;
   libvirtError?: string;
   sourceState?: string;
   destinationState?: string;

@@ -22,6 +22,8 @@ import type { HostFacts } from '../compat/preflight/facts.ts';
 import type { Answer } from '../compat/preflight/qmp-facts.ts';
 import type { Connection, Domain } from '../libvirt/binding.ts';
 import type { MigrateOptions } from './migrate.ts';
+import type { SwitchoverAckInputs } from './migrate-switchover.ts';
+import type { QmpExecutor } from '../qmp/commands.ts';
 
 export interface MigratePreflight {
   pf: PreflightResult;
@@ -29,6 +31,8 @@ export interface MigratePreflight {
   sourceFacts: HostFacts | undefined;
   /** The destination's QEMU version, when its libvirt answered. */
   destQemu: string | undefined;
+  /** What --switchover-ack's gate needs, from what preflight asked (no query of its own). */
+  versions: SwitchoverAckInputs;
 }
 
 /** Runs preflight for the running domain against the destination (destConn: its libvirt, or why not), keeping the source's facts. */
@@ -47,20 +51,49 @@ export async function preflightRunning(dom: Domain, src: Connection, destConn: A
     libvirt: destConn.ok ? answer(() => destConn.value.libVersion()) : destConn,
     qemu: destConn.ok ? answer(() => destConn.value.hypervisorVersion()) : destConn,
   };
+  // The source QEMU's answers to preflight's queries, kept for --switchover-ack's gate.
+  let sourceQemu: Answer<string> | undefined;
+  let sourceCapabilities: Answer<string[]> | undefined;
+  const qmp: QmpExecutor = {
+    execute: async (command, args, options) => {
+      try {
+        const r = await dom.execute(command, args, options);
+        if (command === 'query-version') {
+          const q = (r as { qemu?: { major?: unknown; minor?: unknown; micro?: unknown } } | null)?.qemu;
+          sourceQemu = q ? { ok: true, value: `${String(q.major)}.${String(q.minor)}.${String(q.micro)}` } : { ok: false, error: 'query-version: no qemu version in the reply' };
+        }
+        if (command === 'query-migrate-capabilities') {
+          sourceCapabilities = Array.isArray(r) ? { ok: true, value: r.map((c) => String((c as { capability?: unknown }).capability)) } : { ok: false, error: 'query-migrate-capabilities: the reply is not a list' };
+        }
+        return r;
+      } catch (e) {
+        const error = `${command}: ${(e as Error).message}`;
+        if (command === 'query-version') sourceQemu = { ok: false, error };
+        if (command === 'query-migrate-capabilities') sourceCapabilities = { ok: false, error };
+        throw e;
+      }
+    },
+  };
+  const sourceLibvirt = answer(() => src.libVersion());
   const pfRun = await import('../compat/preflight/run.ts');
   const pf = await pfRun.preflightDomain(
     {
       name: o.domain,
       xml: dom.xml(),
       running: true,
-      qmp: dom,
-      sourceLibvirt: answer(() => src.libVersion()),
+      qmp,
+      sourceLibvirt,
       destination,
       options: { postcopy: false, parallel: false, linkBytesPerSec: o.linkBytesPerSec, linkAssumed: o.linkAssumed },
     },
     pfDeps,
   );
-  return { pf, sourceFacts, destQemu: destination.qemu.ok ? destination.qemu.value : undefined };
+  return {
+    pf,
+    sourceFacts,
+    destQemu: destination.qemu.ok ? destination.qemu.value : undefined,
+    versions: { sourceLibvirt, destinationLibvirt: destination.libvirt, sourceQemu, destinationQemu: destination.qemu, sourceCapabilities },
+  };
 }
 
 /** The preflight verdict with its counts, then every check that did not pass with its advice. */

@@ -27,6 +27,10 @@
 //     live XML; the persistent one reaches it only this way (VIR_MIGRATE_PARAM_PERSIST_XML).
 //  4. the watch (src/cli/watch-libvirt.ts) starts first; the migration starts once it is
 //     ready (virDomainMigrateToURI3 runs on a worker, so events keep flowing).
+//     With --switchover-ack (migrate-switchover.ts) the migration starts only when both ends
+//     run libvirt >= 11.3 (it negotiates return-path + switchover-ack itself for a migration
+//     that is not tunnelled) and QEMU >= 8.1 with the capability; while it runs, the source
+//     QEMU's capabilities are read once its migration is active and the result recorded.
 //  5. the verdict: libvirt's result, the watch's analysis (devices, phases, ordering
 //     rules), the downtime predicted and measured, the timeline and its SVG. On failure:
 //     which device, which phase, what QEMU reported, and the state of the source devices
@@ -35,7 +39,8 @@
 // The parts, one module each: migrate-preflight.ts (step 1: preflight, the traps and their
 // remedies, what stops the migration), migrate-downtime.ts (step 2: the limit's derivation
 // and its refinement from the measured throughput), migrate-output.ts (step 5: the verdict,
-// the text after the summary, the JSON, the files). This module: the arguments, --help,
+// the text after the summary, the JSON, the files), migrate-switchover.ts (--switchover-ack:
+// the gate and the observation). This module: the arguments, --help,
 // the seams tests replace, and the command that runs the steps in order.
 
 import { parseArgs, UsageError } from './args.ts';
@@ -48,6 +53,7 @@ import type { PreflightDeps } from '../compat/preflight/run.ts';
 import type { WatchResult } from './watch-common.ts';
 import type { LibvirtWatchOptions } from './watch-libvirt.ts';
 import { atLeast, parseVersion } from '../compat/preflight/versions.ts';
+import { observeSwitchoverAck, switchoverAckLines, switchoverAckRefusalLine, switchoverAckRefusals, type SwitchoverAckReport } from './migrate-switchover.ts';
 
 // What tests and other modules import from the command's module.
 export { downtimeAuto, MAX_LIMIT_MS, type DowntimeAutoInput, type DowntimeDecision } from './migrate-downtime.ts';
@@ -58,6 +64,7 @@ export const usage = [
   'vfio-mig migrate <domain> --to <libvirt-uri> [--from URI] [--live] [--json] [--force] [--fix]',
   '                 [--downtime auto|MS] [--link-gbps N] [--timeline FILE] [--report FILE.svg]',
   '                 [--timeout S] [--bandwidth MIB] [--migrate-uri URI] [--undefine-source]',
+  '                 [--switchover-ack]',
 ].join('\n');
 
 
@@ -114,6 +121,18 @@ Migrates a running domain to another libvirt host, checked before and watched du
   --bandwidth MIB   cap the migration stream at MIB MiB/s (VIR_MIGRATE_PARAM_BANDWIDTH)
   --migrate-uri URI where QEMU's stream goes (VIR_MIGRATE_PARAM_URI), e.g. tcp://10.0.0.2
   --undefine-source undefine the domain on the source once it runs on the destination
+  --switchover-ack  require QEMU's switchover-ack (the source does not stop the VM before
+                    the destination has loaded the devices' initial pre-copy data). Not a
+                    setting: libvirt 11.3+ turns it on (with return-path) on both QEMUs for
+                    every migration that is not tunnelled. The flag makes it a requirement:
+                    not started (exit 3, --force does not lift it) unless libvirt >= 11.3 on
+                    both ends, QEMU >= 8.1 on both ends and the source QEMU knows the
+                    capability; once QEMU's migration is active the source QEMU's
+                    capabilities are read through libvirt's QMP pass-through
+                    (query-migrate-capabilities; libvirt marks the domain tainted
+                    "custom-monitor", as preflight's queries already do) and the result is
+                    printed (JSON: switchoverAck). Seen off or not verifiable: a WARNING line;
+                    the verdict and exit code stay the migration's (docs/performance.md)
 
 Source device events: QEMU reports a device's migration states only with
 migration-events=on, set when the domain started. Without it the source side of the
@@ -146,6 +165,8 @@ export interface MigrateOptions {
   /** MiB/s cap on the stream, when given. */
   bandwidthMiB: number | undefined;
   undefineSource: boolean;
+  /** Require switchover-ack: gate before the start, verify during the migration. */
+  switchoverAck: boolean;
 }
 
 function positive(name: string, raw: string, max: number, integer = false): number {
@@ -156,7 +177,7 @@ function positive(name: string, raw: string, max: number, integer = false): numb
 
 export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): MigrateOptions | 'help' {
   const args = parseArgs(argv, {
-    flags: ['help', 'live', 'json', 'force', 'fix', 'undefine-source'],
+    flags: ['help', 'live', 'json', 'force', 'fix', 'undefine-source', 'switchover-ack'],
     options: ['to', 'from', 'downtime', 'link-gbps', 'timeline', 'report', 'timeout', 'migrate-uri', 'bandwidth'],
   });
   if (args.flags.has('help')) return 'help';
@@ -201,6 +222,7 @@ export function parseMigrateArgs(argv: string[], env: NodeJS.ProcessEnv = proces
     migrateUri,
     bandwidthMiB: bw === undefined ? undefined : positive('bandwidth', bw, 1 << 30, true),
     undefineSource: args.flags.has('undefine-source'),
+    switchoverAck: args.flags.has('switchover-ack'),
   };
 }
 
@@ -210,6 +232,8 @@ export interface MigrateDeps {
   preflight: PreflightDeps;
   /** Watches the migration through libvirt; undefined when this build has no libvirt watch. */
   watch: ((opts: LibvirtWatchOptions) => Promise<WatchResult>) | undefined;
+  /** --switchover-ack's observation of the source QEMU (default: observeSwitchoverAck through the domain's QMP pass-through). */
+  observeSwitchoverAck?: typeof observeSwitchoverAck;
 }
 
 let depsOverride: MigrateDeps | undefined;
@@ -287,9 +311,21 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       if (destConn.ok) destConn.value.close();
       return stop(`preflight could not run: ${(e as Error).message}`);
     }
-    const { pf, sourceFacts, destQemu } = checked;
+    const { pf, sourceFacts, destQemu, versions } = checked;
     result.preflight = pf.report;
     for (const l of preflightLines(pf.report)) say(l);
+
+    // --switchover-ack: a requirement, checked before anything is changed; --force does not lift it.
+    if (o.switchoverAck) {
+      const reasons = switchoverAckRefusals(versions);
+      if (reasons.length) {
+        if (destConn.ok) destConn.value.close();
+        const line = switchoverAckRefusalLine(reasons);
+        result.switchoverAck = { required: true, observed: null, detail: `not started: ${reasons.join('; ')}` };
+        return stop(`not started: ${line}`);
+      }
+      say(`switchover-ack: required; libvirt ${versionText(versions.sourceLibvirt)} -> ${versionText(versions.destinationLibvirt)} negotiates it, QEMU ${versionText(versions.sourceQemu)} -> ${versionText(versions.destinationQemu)} knows it; verified once the migration is active`);
+    }
 
     // The limit in force and what the devices need at the link rate.
     const limitNow = await currentLimit(dom, pf.report.downtime?.limitMs);
@@ -403,6 +439,9 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
     process.once('SIGINT', onSigint);
     const migrateP = dom.migrateToUri3(o.to, { destXml: liveEdit.xml, ...(persistXml ? { persistXml } : {}), ...(o.migrateUri ? { uri: o.migrateUri } : {}), ...(o.bandwidthMiB !== undefined ? { bandwidth: o.bandwidthMiB } : {}) }, flags);
     timer = setTimeout(() => abort('timeout'), o.timeoutMs);
+    // --switchover-ack: read the source QEMU's capabilities once its migration is active.
+    const ackStop = new AbortController();
+    const ackP: Promise<SwitchoverAckReport> | undefined = o.switchoverAck ? (deps.observeSwitchoverAck ?? observeSwitchoverAck)(dom, { signal: ackStop.signal }) : undefined;
     // With --downtime auto: once QEMU has measured the throughput, recompute with it.
     const refine = autoLimit
       ? refineLimit(dom, (rate) => downtimeAuto(autoInput(plan.ramInLimit, rate, 'measured', limitMs)), (d, rate) => {
@@ -422,8 +461,10 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       timer = undefined;
       process.off('SIGINT', onSigint);
       refine?.stop();
+      ackStop.abort();
     }
     if (refine) await refine.done;
+    if (ackP) result.switchoverAck = await ackP;
     say(`libvirt: ${outcome.migrated ? 'migration done' : `migration failed: ${outcome.libvirtError}`} after ${((Date.now() - started) / 1000).toFixed(1)} s`);
     if (watchP) {
       // The watch ends by itself once the closing events are in; a migration refused before
@@ -468,12 +509,24 @@ export async function run(argv: string[], out: NodeJS.WritableStream, err: NodeJ
       }
       for (const l of outcomeLines(outcome, { domain: o.domain, hostdevs: pf.view.hostdevs.length, predicted: pf.report.downtime, limitMs, timeline, report: svg })) say(l);
     }
+    if (result.switchoverAck) {
+      const lines = switchoverAckLines(result.switchoverAck);
+      for (const l of lines) say(l);
+      if (result.switchoverAck.observed !== true) {
+        result.notes.push(lines.join(' '));
+        if (o.json) err.write(`vfio-mig migrate: ${lines.join(' ')}\n`);
+      }
+    }
     return finish(v.verdict, v.exitCode);
   } finally {
     destToClose?.close();
     dom?.dispose();
     src.close();
   }
+}
+
+function versionText(a: { ok: true; value: string } | { ok: false; error: string } | undefined): string {
+  return a?.ok ? a.value : '?';
 }
 
 function qemuHasEvents(version: string): boolean {

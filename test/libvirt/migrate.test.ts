@@ -12,6 +12,7 @@ import { DomainXml } from '../../src/libvirt/domain-xml.ts';
 import { runCli } from '../cli-harness.ts';
 import { setEnableEventsDeps } from '../../src/cli/enable-events.ts';
 import { defaultMigrateDeps, setMigrateDeps } from '../../src/cli/migrate.ts';
+import { observeSwitchoverAck } from '../../src/cli/migrate-switchover.ts';
 import type { Analysis } from '../../src/report/analysis.ts';
 import type { FactDevice } from '../../src/compat/preflight/facts.ts';
 import { cannotRun, startHosts, tinyDomainXml, type Hosts } from './hosts.ts';
@@ -106,6 +107,70 @@ stest('--json: one object, verdict ok; --downtime auto sets the limit and says h
   b.lookupDomain('vm-mig-json').destroy();
   b.lookupDomain('vm-mig-json').undefine();
   a.lookupDomain('vm-mig-json').undefine();
+});
+
+stest('--switchover-ack between two libvirt 11.3 hosts: the gate passes and the source QEMU is seen with switchover-ack and return-path on while migrating', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-ack'));
+  domains.push(d);
+  d.start();
+  const r = await runCli(['migrate', 'vm-mig-ack', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--json', '--switchover-ack', '--timeout', '300']);
+  t.is(r.code, 0, r.err);
+  const j = JSON.parse(r.out) as { verdict: string; started: boolean; notes: string[]; switchoverAck: { required: boolean; observed: boolean | null; detail: string; status: string; switchoverAck: boolean; returnPath: boolean } };
+  t.log(j.switchoverAck);
+  t.is(j.verdict, 'ok');
+  t.true(j.started);
+  t.is(j.switchoverAck.required, true);
+  t.is(j.switchoverAck.observed, true, j.switchoverAck.detail);
+  t.true(j.switchoverAck.switchoverAck);
+  t.true(j.switchoverAck.returnPath);
+  t.true(['setup', 'active', 'pre-switchover', 'device'].includes(j.switchoverAck.status), j.switchoverAck.status);
+  t.false(j.notes.some((n) => /switchover-ack/.test(n)), 'no warning when it was on');
+  // libvirt turned it off again afterwards: the destination QEMU reads it off now.
+  const onB = b.lookupDomain('vm-mig-ack');
+  domains.push(onB);
+  const caps = (await onB.execute('query-migrate-capabilities')) as Array<{ capability: string; state: boolean }>;
+  t.log(`B after: ${JSON.stringify(caps.filter((c) => c.capability === 'switchover-ack' || c.capability === 'return-path'))}`);
+  onB.destroy();
+  onB.undefine();
+  a.lookupDomain('vm-mig-ack').undefine();
+});
+
+stest('--switchover-ack seen off (the seam: the source QEMU\'s reply altered to switchover-ack off): the migration\'s verdict and exit code stay, a WARNING line says so', async (t) => {
+  const d = a.defineDomain(tinyDomainXml('vm-mig-ack-off'));
+  domains.push(d);
+  d.start();
+  const real = await defaultMigrateDeps(60_000);
+  let asked = 0;
+  setMigrateDeps({
+    ...real,
+    // The real observation through the real pass-through; only the capability's state is turned off in the reply.
+    observeSwitchoverAck: (q, o) =>
+      observeSwitchoverAck(
+        {
+          execute: async (command, args, options) => {
+            const r = await q.execute(command, args, options);
+            if (command !== 'query-migrate-capabilities') return r;
+            asked++;
+            return (r as Array<{ capability: string; state: boolean }>).map((c) => (c.capability === 'switchover-ack' ? { ...c, state: false } : c));
+          },
+        },
+        o,
+      ),
+  });
+  try {
+    const r = await runCli(['migrate', 'vm-mig-ack-off', '--from', hosts.a.uri, '--to', hosts.b.uri, '--live', '--switchover-ack', '--timeout', '300']);
+    t.log(`\n${r.out}${r.err}`);
+    t.is(r.code, 0, r.err);
+    t.is(asked, 1, 'read once, while the migration was active');
+    t.regex(r.out, /^switchover-ack: required; libvirt 11\.3\.\d+ -> 11\.3\.\d+ negotiates it/m);
+    t.regex(r.out, /^verdict: ok - vm-mig-ack-off runs on the destination \(running\)$/m);
+    t.regex(r.out, /^WARNING: switchover-ack was required but is OFF: source QEMU, migration active: switchover-ack off, return-path on\. /m);
+  } finally {
+    setMigrateDeps(undefined);
+  }
+  b.lookupDomain('vm-mig-ack-off').destroy();
+  b.lookupDomain('vm-mig-ack-off').undefine();
+  a.lookupDomain('vm-mig-ack-off').undefine();
 });
 
 stest('--downtime auto recomputes the limit with the throughput QEMU measured during the migration', async (t) => {

@@ -12,6 +12,8 @@ import type { FactDevice } from '../../src/compat/preflight/facts.ts';
 import type { Analysis } from '../../src/report/analysis.ts';
 import type { WatchResult } from '../../src/cli/watch.ts';
 import { runCli } from '../cli-harness.ts';
+import { observeSwitchoverAck, switchoverAckLines, switchoverAckRefusalLine, switchoverAckRefusals, type SwitchoverAckInputs } from '../../src/cli/migrate-switchover.ts';
+import type { QmpExecutor } from '../../src/qmp/commands.ts';
 
 // --- arguments -----------------------------------------------------------------------------
 
@@ -32,13 +34,14 @@ test('arguments: defaults', (t) => {
   t.is(o.linkBytesPerSec, 1.25e9);
   t.true(o.linkAssumed);
   t.is(o.timeoutMs, 1_800_000);
+  t.false(o.switchoverAck);
   t.is(parseMigrateArgs(['vm1', '--to', 'x://y', '--help'], {}), 'help');
   t.is((parseMigrateArgs(['vm1', '--to', 'qemu+ssh://d/system'], { LIBVIRT_DEFAULT_URI: 'qemu+unix:///system?socket=/s' }) as MigrateOptions).from, 'qemu+unix:///system?socket=/s');
 });
 
 test('arguments: every option read', (t) => {
-  const o = parse(['vm1', '--to', 'qemu+ssh://dst/system', '--from', 'qemu:///system', '--live', '--json', '--force', '--fix', '--downtime', '450', '--link-gbps', '25', '--timeline', '/tmp/t.json', '--report', '/tmp/r.svg', '--timeout', '90', '--migrate-uri', 'tcp://10.0.0.2', '--bandwidth', '100', '--undefine-source']);
-  t.like(o, { live: true, json: true, force: true, fix: true, downtime: 450, linkAssumed: false, timeline: '/tmp/t.json', report: '/tmp/r.svg', timeoutMs: 90_000, migrateUri: 'tcp://10.0.0.2', bandwidthMiB: 100, undefineSource: true });
+  const o = parse(['vm1', '--to', 'qemu+ssh://dst/system', '--from', 'qemu:///system', '--live', '--json', '--force', '--fix', '--downtime', '450', '--link-gbps', '25', '--timeline', '/tmp/t.json', '--report', '/tmp/r.svg', '--timeout', '90', '--migrate-uri', 'tcp://10.0.0.2', '--bandwidth', '100', '--undefine-source', '--switchover-ack']);
+  t.like(o, { live: true, json: true, force: true, fix: true, downtime: 450, linkAssumed: false, timeline: '/tmp/t.json', report: '/tmp/r.svg', timeoutMs: 90_000, migrateUri: 'tcp://10.0.0.2', bandwidthMiB: 100, undefineSource: true, switchoverAck: true });
   t.is(o.linkBytesPerSec, 25e9 / 8);
   t.is(parse(['vm1', '--to', 'x://y', '--downtime', 'auto']).downtime, 'auto');
 });
@@ -62,6 +65,7 @@ test('arguments: refused with a reason', (t) => {
     [['vm1', '--to', 'x://y', '--to', 'z://w'], /--to given more than once/],
     [['vm1', '--to', 'x://y', '--postcopy'], /unknown option --postcopy/],
     [['vm1', '--to', 'x://y', '--live=yes'], /--live takes no value/],
+    [['vm1', '--to', 'x://y', '--switchover-ack=on'], /--switchover-ack takes no value/],
   ];
   for (const [argv, re] of bad) t.throws(() => parseMigrateArgs(argv, {}), { name: 'UsageError', message: re }, argv.join(' '));
 });
@@ -73,7 +77,7 @@ test('the CLI: usage errors exit 2 with the usage; --help is the full page', asy
   t.regex(r.err, /usage: vfio-mig migrate <domain> --to <libvirt-uri>/);
   const h = await runCli(['migrate', '--help']);
   t.is(h.code, 0);
-  for (const s of ['--downtime V', 'auto ', 'dirty-tracking', 'pinned-convergence', 'enable-events', 'exit codes:', '4 time limit reached']) t.true(h.out.includes(s), s);
+  for (const s of ['--downtime V', 'auto ', 'dirty-tracking', 'pinned-convergence', 'enable-events', 'exit codes:', '4 time limit reached', '--switchover-ack', 'custom-monitor', 'libvirt >= 11.3']) t.true(h.out.includes(s), s);
   const e = await runCli(['enable-events', '--help']);
   t.is(e.code, 0);
   t.regex(e.out, /next start/);
@@ -360,4 +364,96 @@ test('verdict: refused before QEMU began (no phase, no RAM sent): said instead o
   const begun = analysis({ verdict: 'failed', status: 'failed', devices: [], phases: [], qemu: { totalTimeMs: 1679, ramTransferred: 4096 }, failure: { phase: 'setup', devices: [], detail: 'the migration failed in the setup phase' } });
   const l2 = outcomeLines({ migrated: false, aborted: 'timeout', watch: watched(begun), sourceState: 'running' }, { domain: 'vm1', hostdevs: 0 });
   t.true(l2.includes('failed in phase setup: the migration failed in the setup phase'));
+});
+
+// --- --switchover-ack: the gate before the start ----------------------------------------------
+
+const ok = <T>(value: T) => ({ ok: true as const, value });
+const inputs = (over: Partial<SwitchoverAckInputs> = {}): SwitchoverAckInputs => ({
+  sourceLibvirt: ok('11.3.0'),
+  destinationLibvirt: ok('11.3.0'),
+  sourceQemu: ok('10.0.2'),
+  destinationQemu: ok('10.0.2'),
+  sourceCapabilities: ok(['xbzrle', 'return-path', 'switchover-ack', 'events']),
+  ...over,
+});
+
+test('switchover-ack gate: libvirt 11.3 and QEMU 10 on both ends, the capability known: no reason to refuse', (t) => {
+  t.deepEqual(switchoverAckRefusals(inputs()), []);
+  t.deepEqual(switchoverAckRefusals(inputs({ sourceLibvirt: ok('12.0.0'), destinationQemu: ok('8.1.0') })), []);
+});
+
+test('switchover-ack gate: libvirt older than 11.3 on either side is refused, naming the side and the version', (t) => {
+  const src = switchoverAckRefusals(inputs({ sourceLibvirt: ok('11.2.0') }));
+  t.is(src.length, 1);
+  t.regex(src[0]!, /^the source runs libvirt 11\.2\.0, older than 11\.3: libvirt 11\.3 or later negotiates switchover-ack itself/);
+  const dst = switchoverAckRefusals(inputs({ destinationLibvirt: ok('9.0.0') }));
+  t.is(dst.length, 1);
+  t.regex(dst[0]!, /^the destination runs libvirt 9\.0\.0, older than 11\.3/);
+  t.deepEqual(switchoverAckRefusals(inputs({ sourceLibvirt: ok('10.10.0'), destinationLibvirt: ok('11.2.9') })).map((r) => r.split(',')[0]), ['the source runs libvirt 10.10.0', 'the destination runs libvirt 11.2.9']);
+  // A version that could not be asked is no pass.
+  t.regex(switchoverAckRefusals(inputs({ destinationLibvirt: { ok: false, error: 'cannot connect' } }))[0]!, /^the destination's libvirt version is unknown \(cannot connect\)/);
+  t.regex(switchoverAckRefusalLine(src), /^--switchover-ack cannot be met: the source runs libvirt 11\.2\.0.*See docs\/performance\.md/);
+});
+
+test('switchover-ack gate: a QEMU without the capability (older than 8.1, or not listing it) is refused', (t) => {
+  t.regex(switchoverAckRefusals(inputs({ destinationQemu: ok('8.0.4') }))[0]!, /^the destination runs QEMU 8\.0\.4, older than 8\.1: QEMU 8\.1 or later has the switchover-ack capability/);
+  const old = switchoverAckRefusals(inputs({ sourceQemu: ok('7.2.0'), sourceCapabilities: ok(['xbzrle', 'return-path']) }));
+  t.deepEqual(old, ['the source runs QEMU 7.2.0, older than 8.1: QEMU 8.1 or later has the switchover-ack capability', 'the source QEMU does not know the switchover-ack capability (query-migrate-capabilities)']);
+  t.deepEqual(switchoverAckRefusals(inputs({ sourceCapabilities: undefined })), ["the source QEMU's migration capabilities were not asked: whether it knows switchover-ack is unknown"]);
+  t.deepEqual(switchoverAckRefusals(inputs({ sourceQemu: undefined })), ["the source's QEMU version is unknown (not asked): QEMU 8.1 or later has the switchover-ack capability"]);
+});
+
+// --- --switchover-ack: the observation during the migration ----------------------------------
+
+/** A source QEMU whose query-migrate walks through `statuses` (the last repeats), with `caps` on. */
+function fakeSource(statuses: string[], caps: Record<string, boolean>, fail?: string): QmpExecutor & { sent: string[] } {
+  const sent: string[] = [];
+  let i = 0;
+  return {
+    sent,
+    async execute(command: string) {
+      sent.push(command);
+      if (command === fail) throw new Error(`${command}: Requested operation is not valid: domain is not running`);
+      if (command === 'query-migrate') return { status: statuses[Math.min(i++, statuses.length - 1)] };
+      if (command === 'query-migrate-capabilities') return Object.entries(caps).map(([capability, state]) => ({ capability, state }));
+      throw new Error(`unexpected ${command}`);
+    },
+  };
+}
+
+test('switchover-ack observed on: the capabilities are read once the migration has begun (libvirt sets them before migrate), not before', async (t) => {
+  const q = fakeSource(['none', 'none', 'active'], { 'return-path': true, 'switchover-ack': true, xbzrle: false });
+  const r = await observeSwitchoverAck(q, { signal: new AbortController().signal, pollMs: 1 });
+  t.deepEqual(r, { required: true, observed: true, status: 'active', returnPath: true, switchoverAck: true, detail: 'source QEMU, migration active: switchover-ack on, return-path on' });
+  t.deepEqual(q.sent, ['query-migrate', 'query-migrate', 'query-migrate', 'query-migrate-capabilities']);
+  // setup counts already: a fast migration may go from setup to completed between two polls.
+  t.is((await observeSwitchoverAck(fakeSource(['none', 'setup', 'completed'], { 'return-path': true, 'switchover-ack': true }), { signal: new AbortController().signal, pollMs: 1 })).status, 'setup');
+  t.deepEqual(switchoverAckLines(r), ['switchover-ack: on (source QEMU, migration active: switchover-ack on, return-path on)']);
+});
+
+test('switchover-ack observed off (e.g. a tunnelled migration): observed false, a WARNING line that leaves the verdict to the migration', async (t) => {
+  const r = await observeSwitchoverAck(fakeSource(['active'], { 'return-path': false, 'switchover-ack': false }), { signal: new AbortController().signal, pollMs: 1 });
+  t.is(r.observed, false);
+  t.is(r.detail, 'source QEMU, migration active: switchover-ack off, return-path off');
+  const lines = switchoverAckLines(r);
+  t.is(lines.length, 1);
+  t.regex(lines[0]!, /^WARNING: switchover-ack was required but is OFF: source QEMU, migration active: switchover-ack off, return-path off\. .*the verdict above is the migration's own/);
+  // switchover-ack on without return-path does not count: the destination cannot ack.
+  t.is((await observeSwitchoverAck(fakeSource(['device'], { 'return-path': false, 'switchover-ack': true }), { signal: new AbortController().signal, pollMs: 1 })).observed, false);
+});
+
+test('switchover-ack not observed: the migration ended before it was seen active, a query failed, or the call returned first -> null with why', async (t) => {
+  const never = await observeSwitchoverAck(fakeSource(['none', 'failed'], {}), { signal: new AbortController().signal, pollMs: 1 });
+  t.deepEqual(never, { required: true, observed: null, status: 'failed', detail: "not observed: the source QEMU's migration was never seen in setup or active (last status: failed)" });
+  const broken = await observeSwitchoverAck(fakeSource(['active'], {}, 'query-migrate-capabilities'), { signal: new AbortController().signal, pollMs: 1 });
+  t.is(broken.observed, null);
+  t.regex(broken.detail, /^not observed: query-migrate-capabilities on the source failed: .*domain is not running/);
+  const ac = new AbortController();
+  const p = observeSwitchoverAck(fakeSource(['none'], {}), { signal: ac.signal, pollMs: 5 });
+  setTimeout(() => ac.abort(), 30);
+  const stopped = await p;
+  t.is(stopped.observed, null);
+  t.regex(stopped.detail, /never seen in setup or active \(last status: none\)/);
+  t.regex(switchoverAckLines(stopped)[0]!, /^WARNING: switchover-ack was required but could not be verified: /);
 });
