@@ -30,7 +30,7 @@
 //     With --switchover-ack (migrate-switchover.ts) the migration starts only when both ends
 //     run libvirt >= 11.3 (it negotiates return-path + switchover-ack itself for a migration
 //     that is not tunnelled) and QEMU >= 8.1 with the capability; while it runs, the source
-//     QEMU's capabilities are read once its migration is active and the result recorded.
+//     QEMU's capabilities are read once its migration has begun and the result recorded.
 //  5. the verdict: libvirt's result, the watch's analysis (devices, phases, ordering
 //     rules), the downtime predicted and measured, the timeline and its SVG. On failure:
 //     which device, which phase, what QEMU reported, and the state of the source devices
@@ -127,7 +127,7 @@ Migrates a running domain to another libvirt host, checked before and watched du
                     every migration that is not tunnelled. The flag makes it a requirement:
                     not started (exit 3, --force does not lift it) unless libvirt >= 11.3 on
                     both ends, QEMU >= 8.1 on both ends and the source QEMU knows the
-                    capability; once QEMU's migration is active the source QEMU's
+                    capability; once QEMU's migration has begun (setup or active) the source QEMU's
                     capabilities are read through libvirt's QMP pass-through
                     (query-migrate-capabilities; libvirt marks the domain tainted
                     "custom-monitor", as preflight's queries already do) and the result is
