@@ -11,8 +11,9 @@
 // return-path + switchover-ack = true in its own migrate-set-capabilities on both ends
 // ("optional" capability negotiated through the migration cookie), and turns them off
 // again on the destination after the migration. For --tunnelled it sends both false,
-// overriding anything set here. So with libvirt 11.3 this module changes nothing and
-// `vfio-mig migrate` needs no --switchover-ack flag. It is kept for libvirt versions whose
+// overriding anything set here. So with libvirt 11.3 this module changes nothing, and
+// `vfio-mig migrate --switchover-ack` (src/cli/migrate-switchover.ts) only requires and
+// verifies what libvirt negotiates. This module is kept for libvirt versions whose
 // capability list does not include switchover-ack: libvirt sends only the capabilities it
 // knows, so a value set here then survives (inferred from that mechanism; only 11.3 was
 // run). Measured effect and the libvirt observations: docs/performance.md.
@@ -21,7 +22,7 @@
 // <qemu:commandline> -qmp unix:PATH,server=on,wait=off; QEMU serves one client per socket,
 // libvirt keeps its own monitor). This module only talks to those sockets.
 //
-// Contract for a caller (e.g. a future `vfio-mig migrate --switchover-ack` for such libvirt versions):
+// Contract for a caller (a tool that sets the capability itself beside an older libvirt):
 //  1. Before starting the libvirt migration: `enableOnSource(sourceSocket)`. It sets
 //     return-path + switchover-ack, reads them back and fails (SwitchoverAckError) if QEMU
 //     lacks the capability (QEMU < 8.1) or an outgoing migration already runs.
