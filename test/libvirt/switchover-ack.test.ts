@@ -191,7 +191,10 @@ async function observe(t: ExecutionContext, dom: string, o: { source: boolean; d
 }
 
 /** The samples taken while the migration ran (status active / pre-switchover / device). */
-const during = (s: Sample[]): Sample[] => s.filter((x) => ['active', 'pre-switchover', 'device'].includes(x.status));
+// While a migration runs on that QEMU: from its `setup` (libvirt has set the capabilities by
+// then, on both ends) to its end. A tiny domain migrates within ~100 ms, so a 20 ms sampler
+// may see only `setup` on the destination or only `pre-switchover` on the source.
+const during = (s: Sample[]): Sample[] => s.filter((x) => ['setup', 'active', 'pre-switchover', 'device'].includes(x.status));
 
 /** libvirt's own migrate-set-capabilities on one host since t0, parsed. */
 function libvirtCaps(h: Host, t0: number): Array<Record<string, boolean>> {

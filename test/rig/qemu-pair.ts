@@ -131,14 +131,15 @@ interface PciRegion {
   size: number;
 }
 
-/** The I/O BARs of device `id` once the firmware has placed them (address != 0). */
+/** The I/O BARs of device `id` once the firmware has placed them (address > 0). */
 export async function ioBars(vm: Vm, id: string, timeoutMs = 60_000): Promise<PciRegion[]> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const buses = (await vm.qmp.execute('query-pci')) as Array<{ devices: Array<{ qdev_id?: string; regions?: PciRegion[] }> }>;
     const dev = buses.flatMap((b) => b.devices).find((d) => d.qdev_id === id);
     const io = (dev?.regions ?? []).filter((r) => r.type === 'io');
-    if (io.length && io.every((r) => r.address !== 0)) return io;
+    // Unplaced BARs read 0 or -1 (QEMU's PCI_BAR_UNMAPPED) until the firmware assigns them.
+    if (io.length && io.every((r) => r.address > 0)) return io;
     if (Date.now() > deadline) throw new Error(`${vm.name}: ${id} has no placed I/O BARs after ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 100));
   }
