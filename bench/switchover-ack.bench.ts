@@ -17,10 +17,9 @@
 // helps). On the host, run() bundles this file and boots the rig; in the guest
 // (VFIO_MIG_IN_RIG) it measures.
 
-import type { ExecutionContext } from 'ava';
 import { measureInRig } from './in-rig.ts';
 import { prepareEdu, eduKnob } from '../test/rig/guest.ts';
-import { eduDevice, startPair, type Pair, type Vm } from '../test/rig/qemu-pair.ts';
+import { cleanupList, eduDevice, startPair, type Vm } from '../test/rig/qemu-pair.ts';
 import { queryMigrate, queryMigrateCapabilities, migrateSetCapabilities, type MigrationInfo } from '../src/qmp/commands.ts';
 import type { QmpEvent } from '../src/qmp/events.ts';
 
@@ -42,40 +41,6 @@ interface Sample {
   syncs: number;
 }
 
-/** ava's ExecutionContext is only used for teardown by qemu-pair: collect and run them here. */
-function scope(): { t: ExecutionContext; close(): Promise<void> } {
-  const fns: Array<() => unknown> = [];
-  const t = { teardown: (fn: () => unknown) => fns.push(fn), log: () => undefined } as unknown as ExecutionContext;
-  return {
-    t,
-    async close() {
-      for (const fn of fns.splice(0).reverse()) {
-        try {
-          await fn();
-        } catch {
-          // teardown of a finished QEMU: nothing left to clean up
-        }
-      }
-    },
-  };
-}
-
-/**
- * qemu-pair's start-up can lose a race under load (the QMP socket file exists a moment
- * before QEMU listens: ECONNREFUSED); a start-up failure is retried, never a migration.
- */
-async function startPairRetrying(s: ReturnType<typeof scope>, src: string, dst: string): Promise<Pair> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await startPair(s.t, [eduDevice(src, 'edu0')], [eduDevice(dst, 'edu0')]);
-    } catch (err) {
-      if (attempt >= 3) throw err;
-      console.log(`switchover-ack: QEMU pair start-up failed (${err instanceof Error ? err.message : String(err)}), retrying`);
-      await s.close();
-    }
-  }
-}
-
 const ms = (e: QmpEvent): number => e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
 
 function record(vm: Vm): QmpEvent[] {
@@ -92,9 +57,9 @@ function find(list: QmpEvent[], name: string, state?: string): QmpEvent {
 
 async function once(src: string, dst: string, mib: number, ack: boolean): Promise<Sample> {
   eduKnob(src, 'blob_size', mib * MIB); // EBUSY while open: set before QEMU opens the device
-  const s = scope();
+  const s = cleanupList();
   try {
-    const p = await startPairRetrying(s, src, dst);
+    const p = await startPair(s, [eduDevice(src, 'edu0')], [eduDevice(dst, 'edu0')]);
     const srcEv = record(p.src);
     const dstEv = record(p.dst);
     const caps = ack ? { events: true, 'return-path': true, 'switchover-ack': true } : { events: true };
@@ -140,7 +105,7 @@ async function once(src: string, dst: string, mib: number, ack: boolean): Promis
     );
     return sample;
   } finally {
-    await s.close();
+    await s.run();
   }
 }
 

@@ -3,10 +3,8 @@
 // next to them; QEMU migrates only RAM and vCPU state), and one engine migration between
 // two device sets over a token-authenticated unix socket, both sides in this process.
 
-import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
-import { QmpClient } from '../../src/qmp/client.ts';
-import { connectStartingQemu } from './qmp-start.ts';
+import { startVm, type NestedVm } from './nested-qemu.ts';
 import { listen, connect, newToken, type Transport } from '../../src/migration/transport.ts';
 import { migrateSource, qmpReconnector, type SourceOptions, type SourceResult } from '../../src/migration/engine-source.ts';
 import { receiveDestination, type DestinationOptions, type DestinationResult } from '../../src/migration/engine-destination.ts';
@@ -14,55 +12,7 @@ import { mergeTimelines, type EngineTimelineJson } from '../../src/migration/eng
 import type { MigrationDevice } from '../../src/migration/coordinator.ts';
 import { compatAccept, describeForStream } from '../../src/cli/migrate-devices.ts';
 
-const QEMU = process.env.VFIO_MIG_QEMU ?? 'qemu-system-x86_64';
-
-export interface EngineVm {
-  name: string;
-  proc: ChildProcess;
-  qmpPath: string;
-  qmp: QmpClient;
-  exited: Promise<number | string>;
-  log(): string;
-  stop(): Promise<void>;
-}
-
-/** One minimal VM: q35, 64 MiB, no OS, TCG, one QMP socket. */
-export async function startVm(dir: string, name: string, extra: string[] = []): Promise<EngineVm> {
-  const qmpPath = join(dir, `${name}.qmp`);
-  const args = ['-name', name, '-machine', 'q35', '-nodefaults', '-no-user-config', '-accel', 'tcg', '-m', '64', '-smp', '1', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`, ...extra];
-  const proc = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | string>((resolve) => proc.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  let gone = false;
-  void exited.then(() => (gone = true));
-  let qmp: QmpClient;
-  try {
-    qmp = await connectStartingQemu(name, qmpPath, { gone: () => gone, stderr: () => stderr });
-  } catch (err) {
-    // Not left running when the start fails (nobody else holds this process yet).
-    if (!gone) proc.kill('SIGKILL');
-    await exited;
-    throw err;
-  }
-  const vm: EngineVm = {
-    name,
-    proc,
-    qmpPath,
-    qmp,
-    exited,
-    log: () => stderr,
-    async stop() {
-      await vm.qmp.close().catch(() => undefined);
-      if (gone) return;
-      proc.kill('SIGTERM');
-      const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
-      await exited;
-      clearTimeout(timer);
-    },
-  };
-  return vm;
-}
+export type EngineVm = NestedVm;
 
 /** Source running; destination waiting with -incoming defer. */
 export async function startVmPair(dir: string): Promise<{ src: EngineVm; dst: EngineVm; ramUri: string }> {

@@ -7,14 +7,10 @@
 // for edu x-pre-copy-dirty-page-tracking=off (type1 reports all pinned RAM dirty, so the
 // default never converges).
 
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { QmpClient } from '../../src/qmp/client.ts';
-import { connectStartingQemu } from './qmp-start.ts';
-
-const QEMU = process.env.VFIO_MIG_QEMU ?? 'qemu-system-x86_64';
+import { startVm, type NestedVm } from './nested-qemu.ts';
 
 /**
  * Who cleans up: an ava test context, or the demo's own list (anything with `teardown`).
@@ -41,38 +37,17 @@ export function cleanupList(): Cleanup & { run(): Promise<void> } {
   };
 }
 
-export interface Vm {
-  name: string;
-  proc: ChildProcess;
-  qmp: QmpClient;
-  log(): string;
-  exited: Promise<number | string>;
-}
+export type Vm = NestedVm;
 
 /**
- * Starts one QEMU with a driving QMP socket (connected here) and a second one for the
- * watch. Nested TCG with a VFIO device is slow to start (the type1 container pins all
- * guest RAM through the vIOMMU), hence the generous limits.
+ * Starts one QEMU with a driving QMP socket (connected here); `t` stops it. Nested TCG with
+ * a VFIO device is slow to start (the type1 container pins all guest RAM through the
+ * vIOMMU), hence nested-qemu's generous limits.
  */
 async function startQemu(t: Cleanup, dir: string, name: string, extra: string[]): Promise<Vm> {
-  const qmpPath = join(dir, `${name}.qmp`);
-  const args = ['-name', name, '-M', 'q35', '-nodefaults', '-no-user-config', '-accel', 'tcg', '-m', '64', '-smp', '1', '-display', 'none', '-qmp', `unix:${qmpPath},server=on,wait=off`, ...extra];
-  const proc = spawn(QEMU, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-  let stderr = '';
-  proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const exited = new Promise<number | string>((resolve) => proc.on('exit', (code, signal) => resolve(code ?? signal ?? -1)));
-  let gone = false;
-  void exited.then(() => (gone = true));
-  t.teardown(async () => {
-    if (gone) return;
-    proc.kill('SIGTERM');
-    const timer = setTimeout(() => proc.kill('SIGKILL'), 5_000);
-    await exited;
-    clearTimeout(timer);
-  });
-  const qmp = await connectStartingQemu(name, qmpPath, { gone: () => gone, stderr: () => stderr });
-  t.teardown(() => qmp.close());
-  return { name, proc, qmp, log: () => stderr, exited };
+  const vm = await startVm(dir, name, extra);
+  t.teardown(() => vm.stop());
+  return vm;
 }
 
 export interface Pair {
