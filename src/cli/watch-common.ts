@@ -22,6 +22,13 @@ export const DEFAULT_SETTLE_S = 10;
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** Why a watch's polling loop must end now - the caller interrupted it, or its time is up - if it must. */
+export function loopEnd(signal: AbortSignal | undefined, deadline: number): 'interrupted' | 'timeout' | undefined {
+  if (signal?.aborted) return 'interrupted';
+  if (Date.now() >= deadline) return 'timeout';
+  return undefined;
+}
+
 /** One end as the settle rule sees it: what was recorded, and whether the VM is still there. */
 export interface WatchedEnd {
   readonly record: SideRecord;

@@ -29,7 +29,7 @@
 import { Connection, ErrorCode, LibvirtError, asQueryMigrate, jobActive, type Domain, type DomainQmpEvent, type DomainStateInfo, type JobStats } from '../libvirt/binding.ts';
 import { DomainXml, formatBdf } from '../libvirt/domain-xml.ts';
 import type { RecordedDevice, RecordedEvent, Side, SideRecord } from '../report/timeline.ts';
-import { FINAL, finishWatch, RECORDED, settled, sleep, type WatchResult } from './watch-common.ts';
+import { FINAL, finishWatch, loopEnd, RECORDED, settled, sleep, type WatchResult } from './watch-common.ts';
 
 export interface LibvirtWatchOptions {
   /** The domain's name on the source host. */
@@ -287,13 +287,10 @@ export async function watchLibvirt(opts: LibvirtWatchOptions): Promise<WatchResu
     let settleUntil: number | undefined;
     let jobEndedAt: number | undefined;
     for (;;) {
-      if (opts.signal?.aborted) {
-        ended = 'interrupted';
-        break;
-      }
-      if (Date.now() >= deadline) {
-        timedOut = true;
-        ended = 'timeout';
+      const stop = loopEnd(opts.signal, deadline);
+      if (stop) {
+        ended = stop;
+        timedOut = stop === 'timeout';
         break;
       }
       // The source's job: running, over, or the domain no longer running there.

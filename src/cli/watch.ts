@@ -27,7 +27,7 @@ import { QmpClient } from '../qmp/client.ts';
 import type { QmpEvent } from '../qmp/events.ts';
 import type { RecordedDevice, RecordedEvent, Side, SideRecord } from '../report/timeline.ts';
 import { verdictExitCode } from '../report/analysis.ts';
-import { DEFAULT_SETTLE_S, DEFAULT_TIMEOUT_S, FINAL, finishWatch, RECORDED, settled, sleep, type WatchResult } from './watch-common.ts';
+import { DEFAULT_SETTLE_S, DEFAULT_TIMEOUT_S, FINAL, finishWatch, loopEnd, RECORDED, settled, sleep, type WatchResult } from './watch-common.ts';
 
 export type { WatchResult } from './watch-common.ts';
 import { formatSummary, printable } from '../report/summary.ts';
@@ -260,13 +260,10 @@ export async function watchQmp(opts: { sourcePath: string; destPath: string; tim
     let status: string | undefined;
     let settleUntil: number | undefined;
     for (;;) {
-      if (opts.signal?.aborted) {
-        ended = 'interrupted';
-        break;
-      }
-      if (Date.now() >= deadline) {
-        timedOut = true;
-        ended = 'timeout';
+      const stop = loopEnd(opts.signal, deadline);
+      if (stop) {
+        ended = stop;
+        timedOut = stop === 'timeout';
         break;
       }
       const [s] = await Promise.all([src.poll(), dst.poll()]);
