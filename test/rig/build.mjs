@@ -1,7 +1,6 @@
 // Bundles the rig's TypeScript entry points (test/rig/*.test.ts, test/demo/demo.ts) into
-// plain ESM JavaScript on the host, in test/.rig-build/, so the
-// TCG guest runs them with plain node: loading tsx and transpiling in the guest costs
-// 20-30 s per test file under emulation. Runs in well under a second on the host.
+// plain ESM JavaScript on the host (test/rig/bundle.mjs), in test/.rig-build/. Runs in
+// well under a second on the host.
 //
 //   node test/rig/build.mjs                       every entry point into test/.rig-build/
 //   node test/rig/build.mjs --out test/.rig-build-me test/rig/watch.test.ts ...
@@ -9,10 +8,10 @@
 //        below), so that several rig runs can work side by side without emptying each
 //        other's bundles. Run them in the guest with
 //        node_modules/.bin/ava --tap --concurrency=1 --timeout=10m test/.rig-build-me/*.test.mjs
-import { build } from 'esbuild';
 import { readdirSync, rmSync, mkdirSync } from 'node:fs';
-import { join, dirname, basename } from 'node:path';
+import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { bundleForGuest } from './bundle.mjs';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const argv = process.argv.slice(2);
@@ -30,20 +29,5 @@ const entries = named.length ? named.map((f) => join(process.cwd(), f)) : [
 const out = outArg ? join(process.cwd(), outArg) : join(root, 'test', '.rig-build');
 rmSync(out, { recursive: true, force: true });
 mkdirSync(out, { recursive: true });
-await Promise.all(
-  entries.map((entry) =>
-    build({
-      entryPoints: [entry],
-      outfile: join(out, basename(entry).replace(/\.ts$/, '.mjs')),
-      bundle: true,
-      platform: 'node',
-      format: 'esm',
-      target: 'node20',
-      sourcemap: 'linked',
-      // Packages stay in node_modules (koffi has a native addon; ava must be shared).
-      packages: 'external',
-      logLevel: 'warning',
-    }),
-  ),
-);
+await bundleForGuest(entries, out);
 console.log(`rig: bundled ${entries.length} entry points for the guest`);
