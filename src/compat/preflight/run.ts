@@ -4,6 +4,7 @@
 // checks themselves are plain functions of what was gathered.
 
 import { DomainXml, type PciAddress } from '../../libvirt/domain-xml.ts';
+import { isMdevUuid } from '../../host/sysfs.ts';
 import type { QmpExecutor } from '../../qmp/commands.ts';
 import type { CompatPort, HostdevDescriptor } from './compat-port.ts';
 import { deviceCapabilityCheck, findDevice, p2pCheck } from './devices.ts';
@@ -250,8 +251,6 @@ function pciOf(bdf: string): PciAddress | undefined {
   return m ? { domain: parseInt(m[1]!, 16), bus: parseInt(m[2]!, 16), slot: parseInt(m[3]!, 16), function: parseInt(m[4]!, 16) } : undefined;
 }
 
-const UUID_TARGET = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-
 /**
  * The destination XML: each hostdev pointed at its assigned destination device (PCI
  * addresses; an mdev at the free mdev assigned there, or it keeps its UUID when the
@@ -273,7 +272,7 @@ export async function rewriteXml(xml: string, result: PreflightResult, compat: C
     if (here.kind === 'pci' && to) {
       doc.setHostdevSourceAddress({ index: here.index }, to);
       if (a.target !== src.device) notes.push(`${a.alias}: ${src.device} -> ${a.target}`);
-    } else if (here.kind === 'mdev' && UUID_TARGET.test(a.target)) {
+    } else if (here.kind === 'mdev' && isMdevUuid(a.target)) {
       // An existing free mdev there: the destination's migrate hook tries the address the
       // XML names first, so the live and the persistent definition agree on it.
       doc.setHostdevMdevUuid({ index: here.index }, a.target);
