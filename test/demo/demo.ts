@@ -15,7 +15,7 @@ import { VfioDevice } from '../../src/vfio/device.ts';
 import { formatDowntime, writeTimeline } from '../../src/migration/engine.ts';
 import { modprobe, eduDevices, eduKnob, EDU_DRIVER, driverOf, prepareMtty } from '../rig/guest.ts';
 import { startVmPair, runEngines } from '../rig/engine-vms.ts';
-import { cleanupList, inb, ioBars, migrate, mttyDevice, outb, startPair } from '../rig/qemu-pair.ts';
+import { cleanupList, inb, ioBars, migrate, mttyDevice, SCRATCH, startPair, writeUntilRead } from '../rig/qemu-pair.ts';
 import { watchQmp } from '../../src/cli/watch.ts';
 import { formatSummary } from '../../src/report/summary.ts';
 
@@ -143,10 +143,8 @@ try {
   const ports: Array<[number, number]> = [];
   let value = 0x5a;
   for (const bar of await ioBars(pair.src, 'serial0')) {
-    const port = bar.address + 7;
-    const deadline = Date.now() + 60_000;
-    // Until the firmware has turned on I/O decoding a write is lost: retry until it reads back.
-    while ((await outb(pair.src, port, value), await inb(pair.src, port)) !== value && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
+    const port = bar.address + SCRATCH;
+    await writeUntilRead(pair.src, port, value);
     ports.push([port, value]);
     value += 0x11;
   }

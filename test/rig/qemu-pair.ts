@@ -131,3 +131,25 @@ export async function inb(vm: Vm, port: number): Promise<number> {
 export async function outb(vm: Vm, port: number, value: number): Promise<void> {
   await hmp(vm, `o /b 0x${port.toString(16)} 0x${value.toString(16)}`);
 }
+
+/** The UART scratch register in each mtty port's I/O BAR: 8-bit, read/write, no side effects; mtty migrates it. */
+export const SCRATCH = 7;
+
+/**
+ * Writes `value` to I/O port `port` until it reads back: until SeaBIOS has turned I/O
+ * decoding on, a write is lost. Returns how many writes it took; after `timeoutMs` it
+ * throws with what the port reads, the run state and `info pci`.
+ */
+export async function writeUntilRead(vm: Vm, port: number, value: number, timeoutMs = 60_000): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  for (let tries = 1; ; tries++) {
+    await outb(vm, port, value);
+    const got = await inb(vm, port);
+    if (got === value) return tries;
+    if (Date.now() > deadline) {
+      const pci = await hmp(vm, 'info pci');
+      throw new Error(`${vm.name}: port 0x${port.toString(16)} reads 0x${got.toString(16)}, not 0x${value.toString(16)}, after ${tries} writes; status ${JSON.stringify(await vm.qmp.execute('query-status'))}; ${pci}`);
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}

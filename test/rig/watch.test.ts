@@ -15,7 +15,7 @@ import { main } from '../../src/cli/main.ts';
 import type { Analysis } from '../../src/report/analysis.ts';
 import type { WatchRecord } from '../../src/report/timeline.ts';
 import { MTTY_UUIDS, eduInject, eduKnob, prepareEdu, prepareMtty, requireRig } from './guest.ts';
-import { eduDevice, hmp, inb, ioBars, migrate, mttyDevice, outb, startPair, type Pair } from './qemu-pair.ts';
+import { eduDevice, inb, ioBars, migrate, mttyDevice, SCRATCH, startPair, writeUntilRead, type Pair } from './qemu-pair.ts';
 
 requireRig(test);
 test.serial.before(() => {
@@ -64,7 +64,6 @@ function startWatch(p: Pair, name: string): { ready: Promise<void>; done: Promis
   return { ready, done };
 }
 
-const SCR = 7; // UART scratch register: 8-bit, read/write, no side effects; mtty migrates it.
 
 for (const n of [1, 2]) {
   test.serial(`mtty x${n}: watch says ok with a downtime, device registers arrive intact`, async (t) => {
@@ -80,21 +79,9 @@ for (const n of [1, 2]) {
     let value = n === 1 ? 0x5a : 0x3b;
     for (const id of ids) {
       for (const bar of await ioBars(p.src, id)) {
-        const port = bar.address + SCR;
-        const deadline = Date.now() + 60_000;
-        for (let tries = 1; ; tries++) {
-          await outb(p.src, port, value);
-          const got = await inb(p.src, port);
-          if (got === value) {
-            if (tries > 1) t.log(`${id} bar${bar.bar}: the scratch register took ${tries} writes`);
-            break;
-          }
-          if (Date.now() > deadline) {
-            const pci = await hmp(p.src, 'info pci');
-            throw new Error(`${id} bar${bar.bar} port 0x${port.toString(16)}: the scratch register reads 0x${got.toString(16)}, not 0x${value.toString(16)}, after ${tries} writes; status ${JSON.stringify(await p.src.qmp.execute('query-status'))}; ${pci}`);
-          }
-          await new Promise((r) => setTimeout(r, 200));
-        }
+        const port = bar.address + SCRATCH;
+        const tries = await writeUntilRead(p.src, port, value);
+        if (tries > 1) t.log(`${id} bar${bar.bar}: the scratch register took ${tries} writes`);
         written.set(port, value);
         value += 0x10;
       }
