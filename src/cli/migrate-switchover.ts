@@ -15,11 +15,12 @@
 // exit code stays the migration's. An operator who requires it reads switchoverAck.observed.
 
 import { atLeast, parseVersion } from '../compat/preflight/versions.ts';
+import { LIBVIRT_NEGOTIATES_SWITCHOVER_ACK } from '../compat/preflight/downtime.ts';
 import type { Answer } from '../compat/preflight/qmp-facts.ts';
 import type { QmpExecutor } from '../qmp/commands.ts';
 
-/** libvirt from which on it negotiates switchover-ack itself (measured with 11.3). */
-export const SWITCHOVER_ACK_LIBVIRT = [11, 3] as const;
+/** libvirt from which on it negotiates switchover-ack itself (measured with 11.3): the preflight lever's figure. */
+export const SWITCHOVER_ACK_LIBVIRT = LIBVIRT_NEGOTIATES_SWITCHOVER_ACK;
 /** QEMU that has the switchover-ack capability. */
 export const SWITCHOVER_ACK_QEMU = [8, 1] as const;
 const DOC = 'docs/performance.md (switchover-ack)';

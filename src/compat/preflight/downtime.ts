@@ -42,7 +42,7 @@ export interface DowntimeInput {
  * both QEMUs only for the migration: before it the capability reads off. Older versions
  * were not measured here, so for them the capability in force is what counts.
  */
-const LIBVIRT_NEGOTIATES_SWITCHOVER_ACK: [number, number] = [11, 3];
+export const LIBVIRT_NEGOTIATES_SWITCHOVER_ACK = [11, 3] as const;
 
 const ms = (bytes: number, rate: number): number => (bytes / rate) * 1000;
 const r1 = (n: number): number => Math.round(n * 10) / 10;
